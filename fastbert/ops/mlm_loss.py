@@ -1,0 +1,88 @@
+"""sparse_mlm_loss: masked-LM cross-entropy in which only labelled rows reach the vocabulary projection."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from fastbert.ops import _checks
+from fastbert.ops._dispatch import opt_in, opt_out, pick, run
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("fastbert::sparse_mlm_loss_fwd", mutates_args=())
+def _mlm_fwd(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor], ignore_index: int,
+             compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss, dh, dw, db = run("sparse_mlm_loss_fwd", backend, hidden, labels, weight, bias, ignore_index, compute_grad)
+    return loss.float(), opt_out(dh, hidden), opt_out(dw, hidden), opt_out(db, hidden)
+
+
+@_mlm_fwd.register_fake
+def _(hidden, labels, weight, bias, ignore_index, compute_grad, backend):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    if not compute_grad:
+        e = hidden.new_empty((0,))
+        return loss, e, e.clone(), e.clone()
+    db = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup(ctx, inputs, output):
+    hidden, labels, weight, bias, ignore_index, compute_grad, backend = inputs
+    loss, dh, dw, db = output
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(dh, dw, db)
+    ctx.mark_non_differentiable(dh, dw, db)
+
+
+def _backward(ctx, gloss, *_):
+    if not ctx.compute_grad:
+        raise RuntimeError("sparse_mlm_loss: gradients were not computed in the forward (it ran with "
+                           "grad disabled or no input requiring grad)")
+    dh, dw, db = ctx.saved_tensors
+    g = gloss.to(torch.float32)
+    scale = lambda t: (t.float() * g).to(t.dtype)  # noqa: E731
+    db_out = scale(db) if opt_in(db) is not None else None
+    return scale(dh), None, scale(dw), db_out, None, None, None
+
+
+_mlm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def sparse_mlm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over the rows of ``hidden`` whose label is not ``ignore_index``.
+
+    Args:
+        hidden: ``[T, H]`` (or ``[..., H]`` with labels ``[...]``) fp16/bf16/fp32; labels: int64;
+        weight: ``[V, H]`` decoder (tied embeddings); bias: ``[V]`` or None.
+    Returns:
+        fp32 scalar. Logits of unlabelled rows are never computed; no labelled rows gives 0, not NaN.
+        The gradient is computed in the same pass as the loss (when grad is enabled) and scaled in the
+        backward. No label smoothing.
+    """
+    _checks.tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES, min_dim=1)
+    dev = hidden.device
+    _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, dim=2, device=dev)
+    Hd = hidden.shape[-1]
+    if weight.shape[1] != Hd:
+        raise ValueError(f"weight: expected shape (vocab, {Hd}) to match hidden's last dim, got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    _checks.optional_vector("bias", bias, V, dev)
+    h2 = hidden.reshape(-1, Hd).contiguous()
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+                         f"got {tuple(labels.shape)}")
+    lab = labels.reshape(-1)
+    _checks.labels(lab, h2.shape[0], V, ignore_index, dev)
+    lab = lab.long().contiguous()
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    backend = pick("sparse_mlm_loss_fwd", dev, hidden.dtype, h2, lab, w, b, int(ignore_index), compute_grad)
+    loss, _, _, _ = _mlm_fwd(h2, lab, w, b, int(ignore_index), compute_grad, backend)
+    return loss

@@ -1,0 +1,62 @@
+"""Helpers to check a kernel against the reference, used by tests/, the selftest and the benchmarks.
+
+The tolerance rule (as in flash-attention's tests): a kernel's error against a high-precision reference
+may be at most ``factor`` times the error PyTorch's own eager op makes in the same dtype against that
+reference (``factor`` 2 for forward outputs, 3 for gradients), plus one ulp of the output dtype for the
+final rounding, plus a tiny absolute floor so exact results (zero error) do not demand bit equality.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a tensor with NaN (floats) or an absurd value (integers), so unwritten outputs show up."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-12345)
+
+
+def tolerance(ref: torch.Tensor, peer: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 2.0,
+              atol_floor: float = 1e-6) -> torch.Tensor:
+    """Elementwise allowed error for an output of ``dtype`` against ``ref`` (fp32/fp64).
+
+    ``peer``: PyTorch's eager op run in ``dtype`` on the same inputs (its error defines the scale);
+    None uses ``eps(dtype) * |ref|`` alone.
+    """
+    ref64 = ref.double()
+    ulp = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    bound = ulp * ref64.abs() + atol_floor
+    if peer is not None:
+        peer_err = (peer.double() - ref64).abs().max()
+        bound = bound + factor * peer_err
+    return bound
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, peer: Optional[torch.Tensor] = None,
+                 factor: float = 2.0, name: str = "output", atol_floor: float = 1e-6) -> None:
+    """Assert ``out`` matches ``ref`` within the tolerance rule; reports the worst element on failure."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    o = out.double()
+    if not torch.isfinite(o).all():
+        bad = (~torch.isfinite(o)).nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: non-finite values (unwritten or overflow) at {bad}")
+    bound = tolerance(ref, peer, out.dtype, factor, atol_floor)
+    err = (o - ref.double()).abs()
+    excess = err - bound
+    if (excess > 0).any():
+        i = int(torch.argmax(excess.flatten()))
+        idx = list(torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else []
+        raise AssertionError(
+            f"{name}: max error {err.max().item():.3e} exceeds tolerance; worst at {[int(x) for x in idx]}: "
+            f"out={o.flatten()[i].item():.6g} ref={ref.double().flatten()[i].item():.6g} "
+            f"allowed={bound.flatten()[i].item():.3e} ({out.dtype}, factor {factor})")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in fp64."""
+    r = ref.double()
+    return ((out.double() - r).norm() / r.norm().clamp_min(1e-30)).item()

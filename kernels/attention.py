@@ -1,0 +1,419 @@
+"""Triton ALiBi flash attention over unpadded variable-length batches (the ``attention`` family).
+
+Primitives (signatures and semantics: the same-named functions in ``fastbert/reference.py``):
+
+* ``flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale) -> (out, lse)``
+* ``flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+  -> (dq, dk, dv)``
+
+q, k, v are ``[T, H, D]`` packed tokens (last-dim stride 1, any token/head strides: a fused-QKV view of a
+``[T, 3, H, D]`` buffer is read in place), ``cu_seqlens`` int32 ``[B+1]``, ``alibi_slopes`` fp32 ``[B, H]``
+contiguous or None. Score ``s_ij = q_i . k_j * scale - slope * |i - j|`` for positions i, j of the same
+sequence; bidirectional; never across sequences.
+
+Forward (FlashAttention-2): one program per (query block, sequence, head). The query block stays in
+registers while the program streams the K/V blocks *of its own sequence only* (no padding, no work on
+other sequences), keeping a running max and sum in fp32 (online softmax). Scores are kept in log2 units:
+``log2(e)`` is folded into the scale and the slope, so the exponentials are plain ``exp2``. The ALiBi bias
+is computed from the two position vectors in registers and never materialised. Programs whose query block
+starts past the end of their sequence exit at once (the grid is sized for ``max_seqlen``). It saves the
+natural-log ``lse`` ``[H, T]`` fp32 for the backward.
+
+Backward: two kernels, no atomics.
+
+1. ``_attn_bwd_dq_kernel``, one program per query block: computes ``delta = rowsum(dO * O)`` for its rows
+   (stored, fp32 ``[H, T]``: the "preprocess" fused into this pass, which reads dO and the query block
+   anyway), then loops over the key blocks of the sequence recomputing ``P = exp2(S - lse)`` and
+   accumulating ``dQ = dS K`` in registers.
+2. ``_attn_bwd_dkdv_kernel``, one program per key block: loops over the query blocks of the sequence,
+   recomputing ``P^T`` and accumulating ``dV = P^T dO`` and ``dK = dS^T Q``.
+
+Why a separate dQ pass rather than atomics into dQ from the key-block kernel: the result is
+deterministic (bitwise reproducible run to run, which matters for debugging training runs and for tests),
+needs no fp32 dQ scratch buffer plus a conversion kernel, and costs only the recomputation of ``Q K^T``
+for a second time. At BERT lengths (128-512) a sequence is only a few blocks long, so the extra matmul
+is cheap, whereas fp32 atomics on the same ``[T, H, D]`` rows from every key block of the sequence
+contend. No gradient for the slopes.
+
+Tensor cores run on the input dtype (bf16/fp16 operands, fp32 accumulation); fp32 inputs use IEEE fp32
+dots (not TF32) so that fp32 results match the fp32 reference. Under ``TRITON_INTERPRET=1`` (CPU tests)
+the interpreter cannot multiply bf16 matrices, so the launcher sets ``UPCAST_DOT`` and the kernels cast
+dot operands to fp32 right before ``tl.dot``. That is numerically what the tensor cores do (a product of
+two bf16/fp16 values is exact in fp32, accumulation is fp32); roundings such as ``P -> bf16`` before the
+``P V`` product still happen exactly as on the GPU. The flag is never set on a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # scores in log2 units: exp(x) == exp2(x * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; UPCAST (interpreter only) casts the operands to fp32 first."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (to nearest even, as the GPU's conversion does).
+
+    The interpreter's fp32 -> bf16 conversion truncates; with UPCAST (interpreter only) bf16 rounding is
+    done here on the bit pattern instead and the result stays fp32 (exactly representable in bf16, so a
+    later cast or store is exact), which keeps CPU tests numerically faithful to the GPU."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, CuSeqlens, Slopes,
+    qk_scale,  # softmax_scale * log2(e), fp32
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lse_h, n_heads,
+    HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    start = tl.load(CuSeqlens + b)
+    seqlen = tl.load(CuSeqlens + b + 1) - start
+    if pid_m * BLOCK_M >= seqlen:  # grid is sized for max_seqlen; shorter sequences stop here
+        return
+    start = start.to(tl.int64)  # T * stride_t can pass 2^31 for large fused-QKV batches
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < seqlen
+
+    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    k_base = K + start * stride_kt + h * stride_kh
+    v_base = V + start * stride_vt + h * stride_vh
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
+        if HAS_ALIBI:
+            s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # every block has at least one valid column, so m_new is finite and alpha is well defined
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST_DOT), v, PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(Out + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             _round(out, Out.dtype.element_ty, UPCAST_DOT), mask=mask_m[:, None])
+    lse = (m_i + tl.log2(l_i)) * _LN2  # natural log, as the reference
+    tl.store(Lse + h * stride_lse_h + start + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, Out, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
+    softmax_scale, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    stride_lse_h, n_heads,
+    HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    start = tl.load(CuSeqlens + b)
+    seqlen = tl.load(CuSeqlens + b + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    start = start.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < seqlen
+    rows = start + offs_m
+
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    do = tl.load(DOut + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=mask_m[:, None], other=0.0)
+    o = tl.load(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    # the FlashAttention-2 "preprocess", fused: delta_i = dO_i . O_i, stored for the dK/dV kernel
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + h * stride_lse_h + rows, delta, mask=mask_m)
+    lse2 = tl.load(Lse + h * stride_lse_h + rows, mask=mask_m, other=0.0) * _LOG2E
+
+    k_base = K + start * stride_kt + h * stride_kh
+    v_base = V + start * stride_vt + h * stride_vh
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
+        if HAS_ALIBI:
+            s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
+        p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_round(ds, k.dtype, UPCAST_DOT), k, PRECISION, UPCAST_DOT)
+
+    dq *= softmax_scale
+    tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+             _round(dq, DQ.dtype.element_ty, UPCAST_DOT), mask=mask_m[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
+    softmax_scale, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_lse_h, n_heads,
+    HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # BLOCK_N: keys owned by this program; BLOCK_M: query rows streamed per iteration
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    start = tl.load(CuSeqlens + b)
+    seqlen = tl.load(CuSeqlens + b + 1) - start
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    start = start.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < seqlen
+    keys = start + offs_n
+
+    k = tl.load(K + keys[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    q_base = Q + start * stride_qt + h * stride_qh
+    do_base = DOut + start * stride_dot + h * stride_doh
+    lse_base = Lse + h * stride_lse_h + start
+    delta_base = Delta + h * stride_lse_h + start
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for start_m in range(0, seqlen, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < seqlen
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        # lse = +inf on rows past the sequence makes their P exactly 0 (and q, dO are 0 there anyway)
+        lse2 = tl.load(lse_base + rows, mask=mask_m, other=float("inf")) * _LOG2E
+        delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
+        st = _dot(k, tl.trans(q), PRECISION, UPCAST_DOT) * qk_scale  # S^T: [BLOCK_N, BLOCK_M]
+        if HAS_ALIBI:
+            st -= slope * tl.abs(offs_n[:, None] - rows[None, :]).to(tl.float32)
+        pt = tl.exp2(st - lse2[None, :])
+        dv += _dot(_round(pt, do.dtype, UPCAST_DOT), do, PRECISION, UPCAST_DOT)
+        dpt = _dot(v, tl.trans(do), PRECISION, UPCAST_DOT)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(_round(dst, q.dtype, UPCAST_DOT), q, PRECISION, UPCAST_DOT)
+
+    dk *= softmax_scale
+    tl.store(DK + keys[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :],
+             _round(dk, DK.dtype.element_ty, UPCAST_DOT), mask=mask_n[:, None])
+    tl.store(DV + keys[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :],
+             _round(dv, DV.dtype.element_ty, UPCAST_DOT), mask=mask_n[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations
+# ----------------------------------------------------------------------------------------------
+# (block_m, block_n, num_warps, num_stages) per kernel, keyed on GPU generation and head dim.
+# fwd: block_m query rows per program, block_n keys per iteration.
+# dq: the same roles. dkdv: block_n keys per program, block_m query rows per iteration.
+# Chosen so that ptxas reports no spills at sm_80/sm_90 (see compile_specs / bench.compile_report).
+_CONFIGS = {
+    "sm90": {
+        "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+        "dq": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+        "dkdv": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+    },
+    "sm80": {
+        "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
+        "dq": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+        "dkdv": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+    },
+}
+# The interpreter runs each program as numpy ops: bigger blocks mean fewer python steps, but tests use
+# short sequences and we want several blocks (and masked tails) per sequence, so 32 x 32.
+_INTERPRET_CONFIG = (32, 32, 1, 1)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_TORCH_TO_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _generation(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _config(kind: str, head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    table = _CONFIGS[_generation(device)][kind]
+    # D=16 uses the D=32 row (same register/shared-memory footprint class)
+    return table[max(head_dim, 32)]
+
+
+def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    upcast = device.type != "cuda" and dtype != torch.float32
+    return {"PRECISION": "ieee" if (dtype == torch.float32 or upcast) else "tf32", "UPCAST_DOT": upcast}
+
+
+# ----------------------------------------------------------------------------------------------
+# backend hooks
+# ----------------------------------------------------------------------------------------------
+def why_not(device: torch.device) -> Optional[str]:
+    """Nothing beyond the registry's Triton check: the kernels run wherever Triton does."""
+    return None
+
+
+def unsupported(primitive: str, *args) -> Optional[str]:
+    """Why these inputs cannot run here (head dim or dtype), else None."""
+    q = args[1] if primitive == "flash_attn_bwd" else args[0]
+    if q.dtype not in _TORCH_TO_TL:
+        return f"the Triton attention kernels support fp16, bf16 and fp32 inputs, got {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"the Triton attention kernels support head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
+    return None
+
+
+def _check(q: Tensor, name: str = "q") -> None:
+    reason = unsupported("flash_attn_fwd", q)
+    if reason:
+        raise ValueError(f"{name}: {reason}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dim must have stride 1, got strides {tuple(q.stride())}")
+
+
+def _scale(softmax_scale: Optional[float], head_dim: int) -> float:
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _device_ctx(t: Tensor):
+    import contextlib
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# primitives
+# ----------------------------------------------------------------------------------------------
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                   alibi_slopes: Optional[Tensor] = None,
+                   softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Primitive. q, k, v ``[T, H, D]`` (last-dim stride 1), cu_seqlens int32 ``[B+1]``, alibi_slopes fp32
+    ``[B, H]`` contiguous or None -> ``(out [T, H, D] q.dtype contiguous, lse [H, T] fp32)``.
+
+    ``max_seqlen`` must be at least the longest sequence (the ops layer guarantees it; rows past
+    ``max_seqlen`` would not be computed).
+    """
+    _check(q)
+    T, H, D = q.shape
+    B = cu_seqlens.numel() - 1
+    scale = _scale(softmax_scale, D)
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    if T == 0 or B <= 0 or max_seqlen <= 0:
+        return out, lse
+    block_m, block_n, num_warps, num_stages = _config("fwd", D, q.device)
+    has_alibi = alibi_slopes is not None
+    slopes = alibi_slopes if has_alibi else lse  # dummy pointer, never read when HAS_ALIBI is False
+    grid = (triton.cdiv(max_seqlen, block_m), B, H)
+    with _device_ctx(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, cu_seqlens, slopes, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), H,
+            HAS_ALIBI=has_alibi, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=num_stages, **_dot_flags(q.dtype, q.device))
+    return out, lse
+
+
+def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   cu_seqlens: Tensor, max_seqlen: int, alibi_slopes: Optional[Tensor] = None,
+                   softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Primitive. Gradients of ``flash_attn_fwd``: dout, out ``[T, H, D]`` (last-dim stride 1), lse
+    ``[H, T]`` fp32 contiguous -> ``(dq, dk, dv)`` each ``[T, H, D]`` q.dtype contiguous. No slope grad."""
+    _check(q)
+    for name, t in (("dout", dout), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dim must have stride 1, got strides {tuple(t.stride())}")
+    T, H, D = q.shape
+    B = cu_seqlens.numel() - 1
+    scale = _scale(softmax_scale, D)
+    lse = lse.contiguous()
+    dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T == 0 or B <= 0 or max_seqlen <= 0:
+        return dq, dk, dv
+    delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    has_alibi = alibi_slopes is not None
+    slopes = alibi_slopes if has_alibi else lse
+    flags = _dot_flags(q.dtype, q.device)
+    common = dict(HAS_ALIBI=has_alibi, HEAD_DIM=D, **flags)
+    with _device_ctx(q):
+        block_m, block_n, num_warps, num_stages = _config("dq", D, q.device)
+        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), B, H)](
+            q, k, v, out, dout, lse, delta, dq, cu_seqlens, slopes, scale, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+            lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+            **common)
+        block_m, block_n, num_warps, num_stages = _config("dkdv", D, q.device)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B, H)](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, scale, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+            **common)
+    return dq, dk, dv

@@ -60,3 +60,50 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in fp64."""
     r = ref.double()
     return ((out.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def enable_triton_interpreter_if_no_gpu() -> bool:
+    """Set ``TRITON_INTERPRET=1`` when no GPU is visible (must run before triton is imported).
+
+    Returns whether the interpreter is on. Used by tests/conftest.py and bench/conftest.py.
+    """
+    import os
+    import sys
+
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        if "triton" in sys.modules:
+            raise RuntimeError("triton was imported before TRITON_INTERPRET could be set; import fastbert.testing "
+                               "(or set TRITON_INTERPRET=1) first")
+        os.environ["TRITON_INTERPRET"] = "1"
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def patch_triton_interpreter_bf16_dot() -> bool:
+    """TEST-ONLY workaround: make the Triton interpreter's ``tl.dot`` upcast bf16 operands to fp32.
+
+    The interpreter stores bf16 as uint16 and hands it to ``np.matmul`` unconverted, so a bf16 ``tl.dot``
+    returns garbage on CPU. On a GPU the tensor cores take bf16 operands with fp32 accumulation, which
+    is exactly what upcasting and multiplying in fp32 computes. Returns whether the patch was applied.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # noqa: BLE001 - no triton, nothing to patch
+        return False
+    builder = interp.InterpreterBuilder
+    if getattr(builder, "_fastbert_bf16_dot", False):
+        return True
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def up(h):
+            if h.dtype.scalar == tl.bfloat16:
+                data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+                return interp.TensorHandle(data, tl.float32)
+            return h
+        return original(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    builder._fastbert_bf16_dot = True
+    return True

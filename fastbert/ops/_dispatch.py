@@ -1,8 +1,10 @@
 """The link between a registered custom op and the backend table.
 
-A public op resolves its backend (``fastbert.registry.resolve``) in Python, before the custom op is
-called, and passes the name as a string argument. Under ``torch.compile`` that happens at trace time,
-so the compiled graph records which implementation runs; eagerly it happens per call.
+Eagerly, a public op resolves its backend (``fastbert.registry.resolve``) before calling the custom op
+and passes the name as a string argument, so the backward runs on the same backend as the forward and
+a forced backend that cannot run fails at the call. While ``torch.compile`` traces, the name is left
+empty and the op resolves it when it runs (the registry's Python state is not traceable), so compiled
+graphs honour ``use_backend`` at run time, per call.
 """
 from __future__ import annotations
 
@@ -10,17 +12,23 @@ from typing import Optional
 
 import torch
 
-from fastbert import registry as _backends
+from fastbert import registry as _registry
 
 _EMPTY_SHAPE = (0,)
 
 
 def pick(primitive: str, device: torch.device, dtype: Optional[torch.dtype], *args) -> str:
-    return _backends.resolve(primitive, device, args, dtype)
+    if torch.compiler.is_compiling():
+        return ""
+    return _registry.resolve(primitive, device, args, dtype)
 
 
 def run(primitive: str, backend: str, *args):
-    return _backends.implementation(primitive, backend)(*args)
+    if not backend:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        backend = _registry.resolve(primitive, tensors[0].device, args, floats[0] if floats else None)
+    return _registry.implementation(primitive, backend)(*args)
 
 
 def opt_out(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,21 @@ from fastbert.ops._dispatch import opt_in, opt_out, pick, run
 Tensor = torch.Tensor
 
 
+def _loss_dtype(hidden: Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs; fp64 inputs (gradcheck) keep fp64."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("fastbert::sparse_mlm_loss_fwd", mutates_args=())
 def _mlm_fwd(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor], ignore_index: int,
              compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     loss, dh, dw, db = run("sparse_mlm_loss_fwd", backend, hidden, labels, weight, bias, ignore_index, compute_grad)
-    return loss.float(), opt_out(dh, hidden), opt_out(dw, hidden), opt_out(db, hidden)
+    return loss.to(_loss_dtype(hidden)), opt_out(dh, hidden), opt_out(dw, hidden), opt_out(db, hidden)
 
 
 @_mlm_fwd.register_fake
 def _(hidden, labels, weight, bias, ignore_index, compute_grad, backend):
-    loss = hidden.new_empty((), dtype=torch.float32)
+    loss = hidden.new_empty((), dtype=_loss_dtype(hidden))
     if not compute_grad:
         e = hidden.new_empty((0,))
         return loss, e, e.clone(), e.clone()
@@ -41,8 +46,8 @@ def _backward(ctx, gloss, *_):
         raise RuntimeError("sparse_mlm_loss: gradients were not computed in the forward (it ran with "
                            "grad disabled or no input requiring grad)")
     dh, dw, db = ctx.saved_tensors
-    g = gloss.to(torch.float32)
-    scale = lambda t: (t.float() * g).to(t.dtype)  # noqa: E731
+    g = gloss.to(torch.float64 if dh.dtype == torch.float64 else torch.float32)
+    scale = lambda t: (t.to(g.dtype) * g).to(t.dtype)  # noqa: E731
     db_out = scale(db) if opt_in(db) is not None else None
     return scale(dh), None, scale(dw), db_out, None, None, None
 
@@ -58,7 +63,7 @@ def sparse_mlm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Option
         hidden: ``[T, H]`` (or ``[..., H]`` with labels ``[...]``) fp16/bf16/fp32; labels: int64;
         weight: ``[V, H]`` decoder (tied embeddings); bias: ``[V]`` or None.
     Returns:
-        fp32 scalar. Logits of unlabelled rows are never computed; no labelled rows gives 0, not NaN.
+        fp32 scalar (fp64 for fp64 inputs). Logits of unlabelled rows are never computed; no labelled rows gives 0, not NaN.
         The gradient is computed in the same pass as the loss (when grad is enabled) and scaled in the
         backward. No label smoothing.
     """

@@ -187,9 +187,17 @@ def _opcheck_cases():
     yield torch.ops.fastbert.index_gather.default, (x, torch.tensor([4, 0, 2]), "torch")
     yield torch.ops.fastbert.index_scatter.default, (x, torch.tensor([4, 0, 2, 6, 7]), 9, "torch")
     yield torch.ops.fastbert.sparse_mlm_loss_fwd.default, (x, lab, W, None, -100, True, "torch")
+    # backward ops (no autograd of their own)
+    out, lse = torch.ops.fastbert.flash_attn_fwd(q, k, v, cu, ms, slopes, 0.2, "torch")
+    d = lambda t: t.detach().clone()  # noqa: E731
+    yield torch.ops.fastbert.flash_attn_bwd.default, (torch.randn_like(out), d(q), d(k), d(v), d(out), d(lse), cu, ms, slopes, 0.2, "torch")
+    y, z, mean, rstd = torch.ops.fastbert.layer_norm_fwd(d(x), d(w), None, d(x), 1e-5, "torch")
+    yield torch.ops.fastbert.layer_norm_bwd.default, (torch.randn_like(y), z, d(w), True, mean, rstd, torch.randn_like(z), "torch")
+    yield torch.ops.fastbert.bias_gelu_bwd.default, (torch.randn(5, 16), d(x), d(w), "tanh", "torch")
+    yield torch.ops.fastbert.geglu_bwd.default, (torch.randn(5, 8), d(x), None, "none", "torch")
 
 
-@pytest.mark.parametrize("case", list(range(8)))
+@pytest.mark.parametrize("case", list(range(12)))
 def test_opcheck(case):
     op, args = list(_opcheck_cases())[case]
     torch.library.opcheck(op, args)

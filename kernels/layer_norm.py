@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_ROW, cdiv, check_float, num_strips, row_config, spec, tl_type
+from ._common import MAX_ROW, cdiv, check_float, num_strips, row_config, spec
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def layer_norm_bwd(dy, z, weight, has_bias, mean, rstd, dz_extra):
 
 
 def compile_specs():
-    """The launch configs used at BERT shapes (hidden 768 / 1024, bf16 and fp16, bf16 or fp32 affine
+    """The launch configs used at BERT shapes (hidden 768 / 1024, bf16 and fp16, fp32 affine
     params), from the same ``row_config`` table the launchers use."""
     specs = []
     for N in (768, 1024):
@@ -168,9 +168,9 @@ def compile_specs():
                          "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
                 if not res:
                     const.update({"R": None, "Z": None})
-                specs.append(spec(f"layer_norm_fwd_{dt}_N{N}" + ("_residual" if res else ""), _ln_fwd_kernel, sig,
-                                  const, cfg["num_warps"], divisible=[k for k in ("X", "R", "W", "B", "Y", "Z", "MEAN",
-                                                                                  "RSTD", "N") if sig[k] != "constexpr"]))
+                ptrs = [k for k in ("X", "R", "W", "B", "Y", "Z", "MEAN", "RSTD") if sig[k] != "constexpr"]
+                specs.append(spec(f"layer_norm_fwd_{dt}_N{N}" + ("_residual" if res else ""), _ln_fwd_kernel,
+                                  sig, const, cfg["num_warps"], divisible=ptrs + ["N"]))
             sig = {"DY": f"*{dt}", "Z": f"*{dt}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
                    "DZE": f"*{dt}", "DZ": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "M": "i32", "N": "i32",
                    "blocks_per_strip": "i32"}

@@ -26,35 +26,37 @@ Tensor = torch.Tensor
 RowKernel = Callable[[Tensor, Tensor, Optional[float]], Tensor]
 
 _LOWP = (torch.bfloat16, torch.float16)
-_mm_dtype_ok = {"ok": None}  # does this torch build run mm/addmm with out_dtype on CUDA? (probed once)
+# Does this torch build run mm / addmm with out_dtype=fp32 on CUDA bf16/fp16? None: not probed yet.
+# A failure (older build, unsupported combination) switches that GEMM to the fp32 path for good.
+_out_dtype_ok = {"mm": None, "addmm": None}
 
 
-def _fast_lowp(a: Tensor) -> bool:
-    return a.is_cuda and a.dtype in _LOWP and _mm_dtype_ok["ok"] is not False
+def _fast_lowp(a: Tensor, b: Tensor, which: str = "mm") -> bool:
+    return a.is_cuda and a.dtype in _LOWP and b.dtype == a.dtype and _out_dtype_ok[which] is not False
 
 
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` as fp32. Low-precision CUDA operands use cuBLAS with fp32 output; others go through fp32
     GEMMs (exact products, fp32 accumulation: the same numerics, slower)."""
-    if _fast_lowp(a) and b.dtype == a.dtype:
+    if _fast_lowp(a, b, "mm"):
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
-            _mm_dtype_ok["ok"] = True
+            _out_dtype_ok["mm"] = True
             return out
-        except (RuntimeError, TypeError):  # older builds without mm.dtype: fall back for good
-            _mm_dtype_ok["ok"] = False
+        except (RuntimeError, TypeError):
+            _out_dtype_ok["mm"] = False
     return torch.mm(a.float(), b.float())
 
 
 def addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` in place, ``acc`` fp32 (the dweight accumulator)."""
-    if _fast_lowp(a) and b.dtype == a.dtype:
+    if _fast_lowp(a, b, "addmm"):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _mm_dtype_ok["ok"] = True
+            _out_dtype_ok["addmm"] = True
             return
         except (RuntimeError, TypeError):
-            _mm_dtype_ok["ok"] = False
+            _out_dtype_ok["addmm"] = False
     acc.addmm_(a.float(), b.float())
 
 
@@ -108,7 +110,7 @@ def chunked_sparse_mlm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias
     gd = hidden.dtype if (hidden.dtype == weight.dtype and hidden.dtype in _LOWP) else torch.float32
     w = weight if weight.dtype == gd else weight.to(gd)  # [V, H]
     wt = w.t()
-    if gd == torch.float32 or not _fast_lowp(w):
+    if gd == torch.float32 or not _fast_lowp(w, w, "mm"):
         # fp32 GEMM fallback: convert the (large) weight once, not once per chunk.
         w = w.float()
         wt = w.t()

@@ -20,9 +20,10 @@ State-dict layout (``fastbert.patch`` maps Hugging Face BERT names onto it)::
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -272,6 +273,15 @@ class BertPreTrainedModel(nn.Module):
             n += p.numel()
         return n
 
+    def compile_layers(self, **kwargs):
+        """``torch.compile`` every encoder layer in place with ``fullgraph=True`` (the fastbert ops are
+        custom ops, so a layer traces whole); unpadding and the selection of labelled rows, which are
+        data-dependent, stay eager. ``kwargs`` go to ``torch.compile`` (e.g. ``backend``, ``mode``). Returns self."""
+        encoder = self if isinstance(self, BertModel) else self.bert
+        for layer in encoder.layers:
+            layer.compile(fullgraph=True, **kwargs)
+        return self
+
     # -- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, directory: str) -> None:
         """Write ``directory/config.json`` and ``directory/model.safetensors`` (each via a temp file + rename,
@@ -280,17 +290,11 @@ class BertPreTrainedModel(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         cfg_path = os.path.join(directory, CONFIG_NAME)
-        tmp = cfg_path + ".tmp"
-        self.config.save(tmp)
-        # record the class for readers; from_dict ignores it
-        import json
-        with open(tmp) as f:
-            d = json.load(f)
-        d["architecture"] = type(self).__name__
-        with open(tmp, "w") as f:
+        d = dict(self.config.to_dict(), architecture=type(self).__name__)  # for readers; from_dict ignores it
+        with open(cfg_path + ".tmp", "w") as f:
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, cfg_path)
+        os.replace(cfg_path + ".tmp", cfg_path)
         # The tied decoder is not a separate tensor, so no shared storage reaches safetensors.
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         w_path = os.path.join(directory, WEIGHTS_NAME)
@@ -389,7 +393,7 @@ class BertModel(BertPreTrainedModel):
         mask = attention_mask.bool()
         h = self.embeddings(input_ids, token_type_ids)
         if self.config.attention_impl == "unpadded":
-            x, indices, cu_seqlens, max_seqlen = _ops.unpad_input(h, mask)  # the one host sync (max_seqlen)
+            x, indices, cu_seqlens, max_seqlen = _ops.unpad_input(h, mask)  # host sync: max_seqlen
             for layer in self.layers:
                 x = layer(x, cu_seqlens, max_seqlen)
         else:
@@ -440,9 +444,8 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 return_logits: Optional[bool] = None) -> MaskedLMOutput:
-        if labels is not None:
-            _check_2d_like("labels", labels, input_ids.shape if isinstance(input_ids, Tensor) else (),
-                           allow_float=False)
+        if labels is not None and isinstance(input_ids, Tensor):  # (bad input_ids: encode says so)
+            _check_2d_like("labels", labels, input_ids.shape)
         enc = self.bert.encode(input_ids, attention_mask, token_type_ids)
         V = self.config.vocab_size
         if labels is None:

@@ -30,36 +30,40 @@ Backward: two kernels, no atomics.
 
 Why a separate dQ pass rather than atomics into dQ from the key-block kernel: the result is
 deterministic (bitwise reproducible run to run, which matters for debugging training runs and for tests),
-needs no fp32 dQ scratch buffer plus a conversion kernel, and costs only the recomputation of ``Q K^T``
-for a second time. At BERT lengths (128-512) a sequence is only a few blocks long, so the extra matmul
-is cheap, whereas fp32 atomics on the same ``[T, H, D]`` rows from every key block of the sequence
-contend. No gradient for the slopes.
+needs no fp32 dQ scratch buffer plus a conversion kernel, and no atomic traffic: with atomics every key
+block of a sequence adds into the same ``[BLOCK_M, D]`` rows of an fp32 dQ, and the summation order (so
+the bits) changes run to run. The price is recomputing ``Q K^T`` and ``dO V^T`` in the dQ pass: 7 block
+matmuls per (query block, key block) pair instead of 5. No gradient for the slopes.
 
 Tensor cores run on the input dtype (bf16/fp16 operands, fp32 accumulation); fp32 inputs use IEEE fp32
 dots (not TF32) so that fp32 results match the fp32 reference. Under ``TRITON_INTERPRET=1`` (CPU tests)
 the interpreter cannot multiply bf16 matrices, so the launcher sets ``UPCAST_DOT`` and the kernels cast
 dot operands to fp32 right before ``tl.dot``. That is numerically what the tensor cores do (a product of
 two bf16/fp16 values is exact in fp32, accumulation is fp32); roundings such as ``P -> bf16`` before the
-``P V`` product still happen exactly as on the GPU. The flag is never set on a GPU.
+``P V`` product still happen exactly as on the GPU; the interpreter's own fp32 -> bf16 conversion
+truncates, so ``_round`` rounds to nearest even on the bit pattern instead. Neither is ever used on a GPU.
+
+Launch configs: one explicit (block sizes, warps, stages) row per kernel, head dim and GPU generation in
+``_CONFIGS`` (no autotuning, so the interpreter runs the same code and the compiled kernels can be
+inspected ahead of time); ``compile_specs()`` is built from the same table. Every bf16/fp16 config
+compiles to mma.sync (sm_80) / wgmma (sm_90) without register spills (ptxas -v, recorded beside the
+table). Head dims 16, 32, 64, 128; others are reported by ``unsupported`` so ``auto`` uses another backend.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import spec
+
 Tensor = torch.Tensor
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # scores in log2 units: exp(x) == exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,20 +277,29 @@ def _attn_bwd_dkdv_kernel(
 # dq: the same roles. dkdv: block_n keys per program, block_m query rows per iteration.
 # Chosen so that ptxas reports no spills at sm_80/sm_90 (see compile_specs / bench.compile_report).
 _CONFIGS = {
+    # ptxas -v registers/thread (sm_90a, bf16, ALiBi on), no spills anywhere:
+    # fwd 190/118/179, dq 122/128/159, dkdv 102/139/211 for D = 32/64/128
     "sm90": {
-        "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-        "dq": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
-        "dkdv": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+        "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
+        "dq": {32: (64, 64, 4, 3), 64: (128, 64, 8, 3), 128: (64, 64, 8, 2)},
+        "dkdv": {32: (32, 64, 4, 3), 64: (32, 128, 8, 3), 128: (64, 64, 8, 2)},
     },
+    # sm_80 (mma.sync keeps the accumulators *and* A operands in registers, so more warps per tile):
+    # fwd 168/173/184, dq 128/184/175, dkdv 165/176/172
     "sm80": {
-        "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
+        "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3)},
         "dq": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
-        "dkdv": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+        "dkdv": {32: (64, 64, 4, 3), 64: (32, 128, 8, 3), 128: (64, 64, 8, 2)},
     },
 }
-# The interpreter runs each program as numpy ops: bigger blocks mean fewer python steps, but tests use
-# short sequences and we want several blocks (and masked tails) per sequence, so 32 x 32.
-_INTERPRET_CONFIG = (32, 32, 1, 1)
+# fp32 on a GPU (IEEE fp32 dots on the FMA units: a correctness path, not a fast one). The fp32 dot
+# layouts need many registers; at 32 x 32 with 8 warps fwd has no spills, dq/dkdv at D=128 spill a few
+# hundred bytes (sm_80 and sm_90), acceptable off the bf16/fp16 path.
+_FP32_GPU_CONFIG = (32, 32, 8, 1)
+# CPU tensors run under the interpreter, which executes each program as numpy ops: bigger blocks mean
+# fewer python steps, but tests use short sequences and want several blocks (and masked tails) per
+# sequence. BLOCK_M != BLOCK_N so a mix-up of the two roles cannot pass the tests.
+_INTERPRET_CONFIG = (64, 32, 1, 1)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _TORCH_TO_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -296,9 +309,11 @@ def _generation(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def _config(kind: str, head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
+def _config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, int, int, int]:
     if device.type != "cuda":
         return _INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return _FP32_GPU_CONFIG
     table = _CONFIGS[_generation(device)][kind]
     # D=16 uses the D=32 row (same register/shared-memory footprint class)
     return table[max(head_dim, 32)]
@@ -327,16 +342,32 @@ def unsupported(primitive: str, *args) -> Optional[str]:
     return None
 
 
-def _check(q: Tensor, name: str = "q") -> None:
-    reason = unsupported("flash_attn_fwd", q)
+def _check(**tensors: Tensor) -> None:
+    """Cheap guards the kernels rely on (the ops layer validates the rest before calling)."""
+    reason = unsupported("flash_attn_fwd", tensors["q"])
     if reason:
-        raise ValueError(f"{name}: {reason}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dim must have stride 1, got strides {tuple(q.stride())}")
+        raise ValueError(f"q: {reason}")
+    for name, t in tensors.items():
+        if t.shape != tensors["q"].shape or t.dtype != tensors["q"].dtype:
+            raise ValueError(f"{name}: expected shape {tuple(tensors['q'].shape)} and dtype {tensors['q'].dtype} "
+                             f"like q, got {tuple(t.shape)} {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dim must have stride 1, got strides {tuple(t.stride())}")
+
+
+def _check_batch(B: int) -> None:
+    # sequences are grid axis 1, which CUDA caps at 65535 (query/key blocks are axis 0, uncapped)
+    if B > 65535:
+        raise ValueError(f"cu_seqlens: at most 65535 sequences per call are supported, got {B}")
 
 
 def _scale(softmax_scale: Optional[float], head_dim: int) -> float:
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    """Every output buffer comes from here (tests patch it to hand out NaN-poisoned buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _device_ctx(t: Tensor):
@@ -356,15 +387,16 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
     ``max_seqlen`` must be at least the longest sequence (the ops layer guarantees it; rows past
     ``max_seqlen`` would not be computed).
     """
-    _check(q)
+    _check(q=q, k=k, v=v)
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
+    _check_batch(B)
     scale = _scale(softmax_scale, D)
-    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    out = _empty((T, H, D), q.dtype, q.device)
+    lse = _empty((H, T), torch.float32, q.device)
     if T == 0 or B <= 0 or max_seqlen <= 0:
         return out, lse
-    block_m, block_n, num_warps, num_stages = _config("fwd", D, q.device)
+    block_m, block_n, num_warps, num_stages = _config("fwd", D, q.dtype, q.device)
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else lse  # dummy pointer, never read when HAS_ALIBI is False
     grid = (triton.cdiv(max_seqlen, block_m), B, H)
@@ -383,33 +415,31 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Primitive. Gradients of ``flash_attn_fwd``: dout, out ``[T, H, D]`` (last-dim stride 1), lse
     ``[H, T]`` fp32 contiguous -> ``(dq, dk, dv)`` each ``[T, H, D]`` q.dtype contiguous. No slope grad."""
-    _check(q)
-    for name, t in (("dout", dout), ("out", out)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: the last dim must have stride 1, got strides {tuple(t.stride())}")
+    _check(q=q, k=k, v=v, dout=dout, out=out)
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
+    _check_batch(B)
     scale = _scale(softmax_scale, D)
     lse = lse.contiguous()
-    dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dq = _empty((T, H, D), q.dtype, q.device)
+    dk = _empty((T, H, D), q.dtype, q.device)
+    dv = _empty((T, H, D), q.dtype, q.device)
     if T == 0 or B <= 0 or max_seqlen <= 0:
         return dq, dk, dv
-    delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    delta = _empty((H, T), torch.float32, q.device)
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else lse
     flags = _dot_flags(q.dtype, q.device)
     common = dict(HAS_ALIBI=has_alibi, HEAD_DIM=D, **flags)
     with _device_ctx(q):
-        block_m, block_n, num_warps, num_stages = _config("dq", D, q.device)
+        block_m, block_n, num_warps, num_stages = _config("dq", D, q.dtype, q.device)
         _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), B, H)](
             q, k, v, out, dout, lse, delta, dq, cu_seqlens, slopes, scale, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
             **common)
-        block_m, block_n, num_warps, num_stages = _config("dkdv", D, q.device)
+        block_m, block_n, num_warps, num_stages = _config("dkdv", D, q.dtype, q.device)
         _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B, H)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, scale, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -417,3 +447,62 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
             **common)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# compile report
+# ----------------------------------------------------------------------------------------------
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+_SCALARS = {"qk_scale": "fp32", "softmax_scale": "fp32"}
+_FP32_POINTERS = {"Lse", "Delta", "Slopes"}
+_CONSTEXPRS = ("HAS_ALIBI", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT")  # of all three
+
+
+def _runtime_signature(kernel, dtype: str) -> dict:
+    """Triton types of a kernel's runtime (non-constexpr) arguments for q/k/v of ``dtype``."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in _CONSTEXPRS:
+            continue
+        if name in _SCALARS:
+            sig[name] = _SCALARS[name]
+        elif name.startswith("stride_") or name == "n_heads":
+            sig[name] = "i32"
+        elif name == "CuSeqlens":
+            sig[name] = "*i32"
+        else:
+            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
+    return sig
+
+
+def _divisible(kernel) -> list:
+    """Arguments the JIT sees as multiples of 16 at BERT shapes: every pointer (torch allocations are
+    16-byte aligned; a fused-QKV view starts H*D elements in) and every token/head stride (multiples of
+    D in {32, 64, 128}); ``stride_lse_h`` (= T) and ``n_heads`` are not. Without this the ahead-of-time
+    compile cannot vectorise the tile loads and needs far more registers (it spilled) than real runs."""
+    return [n for n, t in _runtime_signature(kernel, "bf16").items()
+            if t.startswith("*") or (n.startswith("stride_") and n != "stride_lse_h")]
+
+
+def compile_specs(generations: Tuple[str, ...] = ("sm80", "sm90")) -> list:
+    """Launch configurations the launchers use at BERT shapes, for ``bench.compile_report``.
+
+    One entry per GPU generation (the ``_CONFIGS`` row the launcher picks there) x kernel (fwd, dq, dkdv)
+    x head dim (32, 64, 128) x dtype (bf16, fp16), with ALiBi on (the MosaicBERT path; ALiBi off only
+    removes instructions). Extra keys: ``"attrs"`` (see ``kernels._common.spec``) and ``"capability"``
+    (80 or 90: compile for ``GPUTarget("cuda", capability, 32)``, the generation the config is for).
+    """
+    specs = []
+    for gen in generations:
+        for kind, kernel in _KERNELS.items():
+            for head_dim in (32, 64, 128):
+                block_m, block_n, num_warps, num_stages = _CONFIGS[gen][kind][head_dim]
+                for dtype in ("bf16", "fp16"):
+                    const = {"HAS_ALIBI": True, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                             "PRECISION": "tf32", "UPCAST_DOT": False}
+                    entry = spec(f"attention.{kind}.d{head_dim}.{dtype}.{gen}", kernel,
+                                 _runtime_signature(kernel, dtype), const, num_warps, num_stages,
+                                 hot=head_dim == 64, kind="tensor_core", divisible=_divisible(kernel))
+                    entry["capability"] = int(gen[2:])
+                    specs.append(entry)
+    return specs

@@ -1,0 +1,149 @@
+// common.cuh: what every fastbert kernel file shares, with one definition for nvcc and one for the
+// host emulation (cuda_host_emu.h, selected by FB_HOST_EMU), so the same kernel source builds both ways.
+//   * dtype traits: load/store between T (float, __half, __nv_bfloat16) and fp32
+//   * Pack<T, VEC>: an aligned vector of VEC elements, so a load of 16 bytes is one 128-bit access
+//   * warp / block reductions
+//   * FB_SHARED / FB_DYNAMIC_SHARED: shared-memory declarations (per-block arena in the emulation)
+//   * FB_LAUNCH / fb_check_launch: kernel launch and error check
+// No torch header here or in any kernel file: kernels take raw pointers, sizes and a stream.
+#pragma once
+
+#ifdef FB_HOST_EMU
+#include "cuda_host_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "dtypes.h"
+#include <stdexcept>
+#include <string>
+
+namespace fb {
+
+// ---- dtypes (codes: dtypes.h) -------------------------------------------------------------------
+
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <>
+struct Cvt<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+};
+
+// VEC elements of T in one aligned access (16 bytes for VEC = 16 / sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f(const T* __restrict__ p, float (&out)[VEC]) {
+  Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = Cvt<T>::to_f(pk.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f(T* __restrict__ p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pk.v[i] = Cvt<T>::from_f(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// Elements per 16-byte vector, or 1 when the pointers or the row length do not allow it.
+template <typename T>
+inline int vec_width(int64_t row_len, std::initializer_list<const void*> ptrs) {
+  int vec = 16 / (int)sizeof(T);
+  if (row_len % vec != 0) return 1;
+  for (const void* p : ptrs)
+    if (p && (reinterpret_cast<uintptr_t>(p) % 16) != 0) return 1;
+  return vec;
+}
+
+// ---- reductions ---------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ---- GELU ---------------------------------------------------------------------------------------
+// erf GELU (exact) or the tanh approximation, and the derivative; fp32 in, fp32 out. No fast-math
+// approximations here: the tolerance rule compares against PyTorch's own rounding error.
+__device__ __forceinline__ void gelu_and_grad(float x, bool tanh_approx, float& y, float& dy) {
+  if (tanh_approx) {
+    const float k = 0.7978845608028654f;  // sqrt(2/pi)
+    const float c = 0.044715f;
+    float inner = k * (x + c * x * x * x);
+    float t = tanhf(inner);
+    y = 0.5f * x * (1.0f + t);
+    dy = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k * (1.0f + 3.0f * c * x * x);
+  } else {
+    float cdf = 0.5f * (1.0f + erff(x * 0.7071067811865476f));
+    float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;  // 1/sqrt(2 pi)
+    y = x * cdf;
+    dy = cdf + x * pdf;
+  }
+}
+__device__ __forceinline__ float gelu(float x, bool tanh_approx) {
+  if (tanh_approx) {
+    const float k = 0.7978845608028654f;
+    float inner = k * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(inner));
+  }
+  return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+
+// ---- column partial sums (dbias, dweight) --------------------------------------------------------
+// out[n] = sum_g partial[g * N + n] over G partial rows, in a fixed order (deterministic), fp32.
+// Defined in common.cu.
+void launch_reduce_partials(const float* partial, float* out, int G, int N, cudaStream_t stream);
+
+// Partial rows for the column sums of a pointwise backward over M rows (bias_gelu, geglu): each of
+// the G row-blocks writes one fp32 row of partial sums; a second kernel adds them in a fixed order.
+// Defined in common.cu.
+int pointwise_partials(int64_t M);
+
+// ---- launch -------------------------------------------------------------------------------------
+// Throws std::runtime_error naming `what` when the last launch failed; in FASTBERT_CUDA_DEBUG builds it
+// also synchronises so that faults inside the kernel are reported at their launch. Defined in common.cu.
+void check_launch(const char* what);
+
+inline int ceil_div(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+}  // namespace fb
+
+#ifdef FB_HOST_EMU
+#define FB_SHARED(T, name, count) T* name = ::emu::shared_array<T>(count)
+#define FB_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_shared())
+#define FB_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#define FB_SHARED(T, name, count)         \
+  __shared__ __align__(16) T name##_smem_[count]; \
+  T* name = name##_smem_
+#define FB_DYNAMIC_SHARED(T, name)                            \
+  extern __shared__ __align__(16) unsigned char fb_dyn_smem_[]; \
+  T* name = reinterpret_cast<T*>(fb_dyn_smem_)
+#define FB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif

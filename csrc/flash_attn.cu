@@ -1,0 +1,622 @@
+// flash_attn.cu: bidirectional ALiBi attention over packed variable-length sequences, forward and
+// backward, on tensor cores (mma.sync m16n8k16, fp32 accumulation), FlashAttention-2 structure.
+//
+// Semantics (fastbert.reference.flash_attn_fwd / flash_attn_bwd): for the tokens of one sequence b,
+//   score[i, j] = q_i . k_j * scale - slope[b, h] * |i - j|     (i, j positions inside sequence b)
+//   out_i = sum_j softmax_j(score[i, :]) v_j,   lse[h, t] = logsumexp_j score[i, j]  (natural log, fp32)
+// No token ever attends across sequences; empty sequences produce nothing.
+//
+// Layout: q, k, v are [T, H, D] with unit stride over D and any token / head strides (views of a fused
+// [T, 3, H, D] QKV projection work without a copy). out, dout, dq, dk, dv are contiguous [T, H, D];
+// lse and the backward's delta workspace are [H, T] fp32.
+//
+// Kernels (4 warps per block, each warp owns 16 rows of a 64-row tile):
+//   fwd   grid (query blocks, H, B): Q tile in shared memory, K/V tiles streamed through shared memory,
+//         S = Q K^T and O += P V on tensor cores, online softmax in fp32 in the log2 domain (log2(e)
+//         folded into the scale and the slopes, exp2 only), the ALiBi bias from the row / column
+//         positions in registers, key tails masked to -inf.
+//   dq    grid (query blocks, H, B): delta = rowsum(dO * O) for its rows (written to the workspace for
+//         the next kernel), then over key tiles: recompute P from lse, dP = dO V^T,
+//         dS = P (dP - delta), dQ += dS K.
+//   dkdv  grid (key blocks, H, B): over query tiles: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T,
+//         dV += P^T dO, dK += dS^T Q. Working transposed keeps P^T / dS^T in the C-fragment layout,
+//         which is directly the A-fragment layout of the next mma (no shuffles, no shared memory).
+// dQ is computed by its own pass instead of fp32 atomics from the dK/dV pass. Why: the result is
+// deterministic (bitwise reproducible gradients, so a resumed run repeats itself), there is no
+// [T, H, D] fp32 accumulator to allocate, zero and convert, and the host emulation needs no atomics.
+// The price is recomputing S and dP once more (7 instead of 5 matmuls in the backward).
+//
+// Fragments are read from shared memory with ldmatrix.x4 (.trans for the operands whose reduction dim
+// runs down the tile's rows); rows are padded by 8 elements (16 bytes) so those loads are free of bank
+// conflicts. Global -> shared copies are 16-byte vector loads (element-wise when strides forbid it).
+#include "common.cuh"
+#include "mma.cuh"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace fb {
+namespace attn {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16 * kWarps;  // rows of the tile a block owns (query rows, or key rows in dkdv)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T>
+struct MmaTag;
+template <>
+struct MmaTag<__nv_bfloat16> {
+  using type = mma_bf16;
+};
+template <>
+struct MmaTag<__half> {
+  using type = mma_f16;
+};
+
+// Tile widths per head dim, chosen so every kernel stays under 48 KiB of static shared memory and
+// (for D = 64, the BERT case) under the register budget of 4 warps without spills.
+template <int D>
+struct Cfg {
+  static constexpr int kFwdKeys = D <= 64 ? 64 : 32;   // key tile of the forward
+  static constexpr int kDqKeys = D <= 64 ? 64 : 16;    // key tile of the dq pass
+  static constexpr int kDkvQueries = D <= 64 ? 64 : 16;  // query tile of the dk/dv pass
+};
+
+struct Params {
+  const void *q, *k, *v;
+  int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh;  // token and head strides, in elements
+  const void* out;     // fwd: written; bwd: read
+  const void* dout;    // bwd
+  void *dq, *dk, *dv;  // bwd
+  float* lse;          // [H, T]; fwd writes it, bwd reads it
+  float* delta;        // [H, T] workspace of the backward
+  const int32_t* cu_seqlens;
+  const float* slopes;  // [B, H] or nullptr
+  int batch, heads;
+  int64_t total;
+  float scale;  // softmax scale (natural)
+  bool vec;     // 16-byte global loads are legal (aligned pointers, strides multiple of 8 elements)
+};
+
+// ---- small helpers. A 32-bit store of two 16-bit elements: the callers guarantee 4-byte alignment (even
+// element offsets from aligned bases). The host build goes through memcpy to keep the punning legal.
+__device__ __forceinline__ void st32(void* p, uint32_t u) {
+#ifdef FB_HOST_EMU
+  memcpy(p, &u, 4);
+#else
+  *reinterpret_cast<uint32_t*>(p) = u;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // lo in the low half (smaller index)
+  T h[2] = {Cvt<T>::from_f(lo), Cvt<T>::from_f(hi)};
+  uint32_t u;
+  memcpy(&u, h, 4);
+  return u;
+}
+
+// Copy `rows` x D elements (row r at src + r * stride) into a shared tile with row pitch LD; rows at or
+// past `valid` are zero-filled (they are masked later, and zeros keep them finite).
+template <typename T, int ROWS, int D, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int valid, bool vec) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    Pack<T, 8> v;
+    if (r < valid) {
+      const T* s = src + r * stride + col;
+      if (vec) {
+        v = *reinterpret_cast<const Pack<T, 8>*>(s);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v.v[e] = s[e];
+      }
+    } else {
+      memset(&v, 0, sizeof(v));
+    }
+    *reinterpret_cast<Pack<T, 8>*>(dst + r * LD + col) = v;
+  }
+}
+
+// Fragment loads from shared tiles (row pitch LD elements), one ldmatrix.x4 each. Every row address is
+// 16-byte aligned (LD * 2 and the column offsets are multiples of 16 bytes) and, with LD = D + 8, the
+// eight rows of each 8x8 matrix fall in distinct 16-byte bank groups: conflict-free.
+//
+// A fragment (16 x 16) of rows r0.., columns c0.. of a row-major tile.
+template <int LD, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int r0, int c0, int lane) {
+  ldmatrix_x4<false>(a, s + (r0 + (lane & 15)) * LD + c0 + (lane >> 4) * 8);
+}
+// B fragments of two adjacent n-tiles (n0 and n0 + 8) over k0..k0+15, for B[k][n] = tile[n][k] (the
+// tile's rows are B's columns: the "K^T" case). Matrices: (n0, k0), (n0, k0+8), (n0+8, k0), (n0+8, k0+8).
+template <int LD, typename T>
+__device__ __forceinline__ void load_b_rows(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* s, int n0, int k0,
+                                            int lane) {
+  uint32_t r[4];
+  ldmatrix_x4<false>(r, s + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LD + k0 + ((lane >> 3) & 1) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// B fragments of two adjacent n-tiles over k0..k0+15, for B[k][n] = tile[k][n] (the tile's rows are B's
+// rows: the "V" case), transposed by ldmatrix. Matrices: (k0, n0), (k0+8, n0), (k0, n0+8), (k0+8, n0+8).
+template <int LD, typename T>
+__device__ __forceinline__ void load_b_cols(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* s, int k0, int n0,
+                                            int lane) {
+  uint32_t r[4];
+  ldmatrix_x4<true>(r, s + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// C fragments of two adjacent n-tiles (16 x 16 of fp32) as one A fragment in T: the FA2 register reuse.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+__device__ __forceinline__ float quad_sum(float x) {  // over the 4 lanes sharing a fragment row
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+
+// ================================================================================================
+// forward
+// ================================================================================================
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p) {
+  using Tag = typename MmaTag<T>::type;
+  constexpr int BN = Cfg<D>::kFwdKeys, LD = D + 8;
+  constexpr int KD = D / 16, NT = BN / 8, KN = BN / 16, ND = D / 8;
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kRows;
+  const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
+  if (m0 >= len) return;  // whole block: grid.x covers the longest sequence
+  FB_SHARED(T, sQ, kRows * LD);
+  FB_SHARED(T, sK, BN * LD);
+  FB_SHARED(T, sV, BN * LD);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const float scale2 = p.scale * kLog2e;
+  const float slope2 = p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
+  const T* q = static_cast<const T*>(p.q) + (start + m0) * p.q_st + h * p.q_sh;
+  const T* k = static_cast<const T*>(p.k) + start * p.k_st + h * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + start * p.v_st + h * p.v_sh;
+  load_tile<T, kRows, D, LD>(sQ, q, p.q_st, len - m0, p.vec);
+
+  const int r0 = warp * 16;                  // this warp's first row in the tile
+  const int pos0 = m0 + r0 + g;  // positions of this lane's two rows: pos0 and pos0 + 8
+  float o[ND][4];
+#pragma unroll
+  for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running max (log2 domain)
+  float l[2] = {0.f, 0.f};              // running sum of this lane's columns (quad-reduced at the end)
+
+  for (int n0 = 0; n0 < len; n0 += BN) {
+    __syncthreads();  // the previous tile's readers are done with sK / sV
+    load_tile<T, BN, D, LD>(sK, k + n0 * p.k_st, p.k_st, len - n0, p.vec);
+    load_tile<T, BN, D, LD>(sV, v + n0 * p.v_st, p.v_st, len - n0, p.vec);
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t a[4];
+      load_a<LD>(a, sQ, r0, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_rows<LD>(b0, b1, sK, nt * 8, kk * 16, lane);
+        mma_m16n8k16<Tag>(s[nt], a, b0);
+        mma_m16n8k16<Tag>(s[nt + 1], a, b1);
+      }
+    }
+    // scale, ALiBi bias, key mask; new row maxima
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = n0 + nt * 8 + 2 * t + (e & 1);
+        float x = s[nt][e] * scale2 - slope2 * fabsf((float)(pos0 + 8 * (e >> 1) - j));
+        x = j < len ? x : -INFINITY;
+        s[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);  // finite: key 0 of the first tile is always valid
+      alpha[r] = exp2f(m[r] - mx[r]);
+      m[r] = mx[r];
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m[e >> 1]);
+        l[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nd][e] *= alpha[e >> 1];
+    }
+    // O += P V, P taken straight from the score registers
+#pragma unroll
+    for (int kk = 0; kk < KN; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nd = 0; nd < ND; nd += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_cols<LD>(b0, b1, sV, kk * 16, nd * 8, lane);
+        mma_m16n8k16<Tag>(o[nd], a, b0);
+        mma_m16n8k16<Tag>(o[nd + 1], a, b1);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(const_cast<void*>(p.out));
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float lsum = quad_sum(l[r]);  // warp collective: before the early continue
+    const int i = pos0 + 8 * r;
+    if (i >= len) continue;
+    const float inv = 1.f / lsum;
+    const int64_t tok = start + i;
+    T* orow = out + (tok * p.heads + h) * D;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      st32(orow + nd * 8 + 2 * t, pack2<T>(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv));
+    }
+    if (t == 0) p.lse[h * p.total + tok] = (m[r] + log2f(lsum)) * kLn2;
+  }
+}
+
+// ================================================================================================
+// backward, pass 1: delta and dQ (one block per 64 query rows)
+// ================================================================================================
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Params p) {
+  using Tag = typename MmaTag<T>::type;
+  constexpr int BN = Cfg<D>::kDqKeys, LD = D + 8;
+  constexpr int KD = D / 16, NT = BN / 8, KN = BN / 16, ND = D / 8;
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kRows;
+  const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
+  if (m0 >= len) return;
+  FB_SHARED(T, sQ, kRows * LD);
+  FB_SHARED(T, sdO, kRows * LD);
+  FB_SHARED(T, sK, BN * LD);
+  FB_SHARED(T, sV, BN * LD);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const float scale2 = p.scale * kLog2e;
+  const float slope2 = p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
+  const int64_t rs = (int64_t)p.heads * D;  // token stride of the contiguous tensors
+  const T* k = static_cast<const T*>(p.k) + start * p.k_st + h * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + start * p.v_st + h * p.v_sh;
+  load_tile<T, kRows, D, LD>(sQ, static_cast<const T*>(p.q) + (start + m0) * p.q_st + h * p.q_sh, p.q_st,
+                             len - m0, p.vec);
+  load_tile<T, kRows, D, LD>(sdO, static_cast<const T*>(p.dout) + (start + m0) * rs + h * D, rs, len - m0, p.vec);
+
+  const int r0 = warp * 16;
+  const int pos0 = m0 + r0 + g;  // this lane's rows: pos0 and pos0 + 8
+  // delta = rowsum(dO * O) over this lane's columns of its two rows, then over the quad. Rows past
+  // the end get lse = +inf, so their P (and everything downstream) is exactly zero.
+  float delta[2], lse2[2];
+  {
+    const T* out = static_cast<const T*>(p.out);
+    const T* dout = static_cast<const T*>(p.dout);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float acc = 0.f;
+      const int i = pos0 + 8 * r;
+      const int64_t tok = start + i;
+      if (i < len) {
+        const T* orow = out + (tok * p.heads + h) * D;
+        const T* drow = dout + (tok * p.heads + h) * D;
+#pragma unroll
+        for (int c = 2 * t; c < D; c += 8) {
+          acc += Cvt<T>::to_f(orow[c]) * Cvt<T>::to_f(drow[c]) + Cvt<T>::to_f(orow[c + 1]) * Cvt<T>::to_f(drow[c + 1]);
+        }
+      }
+      delta[r] = quad_sum(acc);
+      lse2[r] = i < len ? p.lse[h * p.total + tok] * kLog2e : INFINITY;
+      if (i < len && t == 0) p.delta[h * p.total + tok] = delta[r];
+    }
+  }
+
+  float dq[ND][4];
+#pragma unroll
+  for (int i = 0; i < ND; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int n0 = 0; n0 < len; n0 += BN) {
+    __syncthreads();
+    load_tile<T, BN, D, LD>(sK, k + n0 * p.k_st, p.k_st, len - n0, p.vec);
+    load_tile<T, BN, D, LD>(sV, v + n0 * p.v_st, p.v_st, len - n0, p.vec);
+    __syncthreads();
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t aq[4], ado[4];
+      load_a<LD>(aq, sQ, r0, kk * 16, lane);
+      load_a<LD>(ado, sdO, r0, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_rows<LD>(b0, b1, sK, nt * 8, kk * 16, lane);
+        mma_m16n8k16<Tag>(s[nt], aq, b0);
+        mma_m16n8k16<Tag>(s[nt + 1], aq, b1);
+        load_b_rows<LD>(b0, b1, sV, nt * 8, kk * 16, lane);
+        mma_m16n8k16<Tag>(dp[nt], ado, b0);
+        mma_m16n8k16<Tag>(dp[nt + 1], ado, b1);
+      }
+    }
+    // P = exp2(S * scale2 - bias - lse2), dS = P (dP - delta), kept in s[]
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = n0 + nt * 8 + 2 * t + (e & 1), r = e >> 1;
+        const float x = s[nt][e] * scale2 - slope2 * fabsf((float)(pos0 + 8 * r - j)) - lse2[r];
+        const float pv = j < len ? exp2f(x) : 0.f;
+        s[nt][e] = pv * (dp[nt][e] - delta[r]);
+      }
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < KN; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nd = 0; nd < ND; nd += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_cols<LD>(b0, b1, sK, kk * 16, nd * 8, lane);
+        mma_m16n8k16<Tag>(dq[nd], a, b0);
+        mma_m16n8k16<Tag>(dq[nd + 1], a, b1);
+      }
+    }
+  }
+
+  T* dqp = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = pos0 + 8 * r;
+    if (i >= len) continue;
+    T* row = dqp + ((start + i) * p.heads + h) * D;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      st32(row + nd * 8 + 2 * t, pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale));
+    }
+  }
+}
+
+// ================================================================================================
+// backward, pass 2: dK and dV (one block per 64 key rows; reads delta written by pass 1)
+// ================================================================================================
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Params p) {
+  using Tag = typename MmaTag<T>::type;
+  constexpr int BM = Cfg<D>::kDkvQueries, LD = D + 8;
+  constexpr int KD = D / 16, NT = BM / 8, KM = BM / 16, ND = D / 8;
+  const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * kRows;
+  const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
+  if (n0 >= len) return;
+  FB_SHARED(T, sK, kRows * LD);
+  FB_SHARED(T, sV, kRows * LD);
+  FB_SHARED(T, sQ, BM * LD);
+  FB_SHARED(T, sdO, BM * LD);
+  FB_SHARED(float, sLse2, BM);
+  FB_SHARED(float, sDelta, BM);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const float scale2 = p.scale * kLog2e;
+  const float slope2 = p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
+  const int64_t rs = (int64_t)p.heads * D;
+  load_tile<T, kRows, D, LD>(sK, static_cast<const T*>(p.k) + (start + n0) * p.k_st + h * p.k_sh, p.k_st,
+                             len - n0, p.vec);
+  load_tile<T, kRows, D, LD>(sV, static_cast<const T*>(p.v) + (start + n0) * p.v_st + h * p.v_sh, p.v_st,
+                             len - n0, p.vec);
+  const T* q = static_cast<const T*>(p.q) + start * p.q_st + h * p.q_sh;
+  const T* dout = static_cast<const T*>(p.dout) + start * rs + h * D;
+
+  const int r0 = warp * 16;
+  const int pos0 = n0 + r0 + g;  // key positions of this lane's two rows: pos0 and pos0 + 8
+  float dk[ND][4], dv[ND][4];
+#pragma unroll
+  for (int i = 0; i < ND; ++i)
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+
+  for (int m0 = 0; m0 < len; m0 += BM) {
+    __syncthreads();
+    load_tile<T, BM, D, LD>(sQ, q + m0 * p.q_st, p.q_st, len - m0, p.vec);
+    load_tile<T, BM, D, LD>(sdO, dout + m0 * rs, rs, len - m0, p.vec);
+    for (int i = threadIdx.x; i < BM; i += kThreads) {
+      const bool ok = m0 + i < len;  // query rows past the end: P = exp2(-inf) = 0
+      sLse2[i] = ok ? p.lse[h * p.total + start + m0 + i] * kLog2e : INFINITY;
+      sDelta[i] = ok ? p.delta[h * p.total + start + m0 + i] : 0.f;
+    }
+    __syncthreads();
+
+    // S^T = K Q^T and dP^T = V dO^T: rows = this warp's keys, columns = the tile's queries
+    float st[NT][4], dpt[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      st[i][0] = st[i][1] = st[i][2] = st[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t ak[4], av[4];
+      load_a<LD>(ak, sK, r0, kk * 16, lane);
+      load_a<LD>(av, sV, r0, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_rows<LD>(b0, b1, sQ, nt * 8, kk * 16, lane);
+        mma_m16n8k16<Tag>(st[nt], ak, b0);
+        mma_m16n8k16<Tag>(st[nt + 1], ak, b1);
+        load_b_rows<LD>(b0, b1, sdO, nt * 8, kk * 16, lane);
+        mma_m16n8k16<Tag>(dpt[nt], av, b0);
+        mma_m16n8k16<Tag>(dpt[nt + 1], av, b1);
+      }
+    }
+    // P^T and dS^T = P^T (dP^T - delta); key rows past the end are zeroed (never stored anyway)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + 2 * t + (e & 1), j = pos0 + 8 * (e >> 1);
+        const float x = st[nt][e] * scale2 - slope2 * fabsf((float)(m0 + c - j)) - sLse2[c];
+        const float pv = j < len ? exp2f(x) : 0.f;
+        st[nt][e] = pv;
+        dpt[nt][e] = pv * (dpt[nt][e] - sDelta[c]);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk) {
+      uint32_t ap[4], ads[4];
+      c_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
+      c_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int nd = 0; nd < ND; nd += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_cols<LD>(b0, b1, sdO, kk * 16, nd * 8, lane);
+        mma_m16n8k16<Tag>(dv[nd], ap, b0);
+        mma_m16n8k16<Tag>(dv[nd + 1], ap, b1);
+        load_b_cols<LD>(b0, b1, sQ, kk * 16, nd * 8, lane);
+        mma_m16n8k16<Tag>(dk[nd], ads, b0);
+        mma_m16n8k16<Tag>(dk[nd + 1], ads, b1);
+      }
+    }
+  }
+
+  T* dkp = static_cast<T*>(p.dk);
+  T* dvp = static_cast<T*>(p.dv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = pos0 + 8 * r;
+    if (j >= len) continue;
+    const int64_t off = ((start + j) * p.heads + h) * D;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      const int c = nd * 8 + 2 * t;
+      st32(dkp + off + c, pack2<T>(dk[nd][2 * r] * p.scale, dk[nd][2 * r + 1] * p.scale));
+      st32(dvp + off + c, pack2<T>(dv[nd][2 * r], dv[nd][2 * r + 1]));
+    }
+  }
+}
+
+// ================================================================================================
+// host side
+// ================================================================================================
+inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
+
+inline void check_common(int dtype, int head_dim, int batch, int heads, int max_seqlen) {
+  if (dtype != kF16 && dtype != kBF16)
+    throw std::invalid_argument(std::string("flash_attn: dtype code ") + std::to_string(dtype) +
+                                " is not supported: the CUDA attention kernels take float16 or bfloat16");
+  if (head_dim != 32 && head_dim != 64 && head_dim != 128)
+    throw std::invalid_argument("flash_attn: head dim " + std::to_string(head_dim) +
+                                " is not supported by the CUDA kernels (32, 64 or 128)");
+  if (batch < 0 || heads < 1 || heads > 65535 || batch > 65535 || max_seqlen < 0)
+    throw std::invalid_argument("flash_attn: bad sizes (batch " + std::to_string(batch) + ", heads " +
+                                std::to_string(heads) + ", max_seqlen " + std::to_string(max_seqlen) + ")");
+}
+
+template <typename T, int D>
+void run_fwd(const Params& p, int max_seqlen, cudaStream_t stream) {
+  (void)stream;  // unused by the host emulation's FB_LAUNCH
+  const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
+  auto kern = flash_attn_fwd_kernel<T, D>;
+  FB_LAUNCH(kern, grid, dim3(kThreads), 0, stream, p);
+  check_launch("flash_attn_fwd_kernel");
+}
+
+template <typename T, int D>
+void run_bwd(const Params& p, int max_seqlen, cudaStream_t stream) {
+  (void)stream;
+  const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
+  // dq first: it also writes delta, which dkdv reads (same stream, so ordered)
+  auto dq_kern = flash_attn_bwd_dq_kernel<T, D>;
+  FB_LAUNCH(dq_kern, grid, dim3(kThreads), 0, stream, p);
+  check_launch("flash_attn_bwd_dq_kernel");
+  auto dkdv_kern = flash_attn_bwd_dkdv_kernel<T, D>;
+  FB_LAUNCH(dkdv_kern, grid, dim3(kThreads), 0, stream, p);
+  check_launch("flash_attn_bwd_dkdv_kernel");
+}
+
+}  // namespace attn
+
+// Forward. q, k, v: [T, H, D] (unit stride over D, token / head strides as given, in elements);
+// out: contiguous [T, H, D] of the same dtype; lse: [H, T] fp32; cu_seqlens: [batch + 1] int32;
+// alibi_slopes: [batch, heads] fp32 or nullptr. dtype: fb::kF16 or fb::kBF16; head_dim 32, 64 or 128.
+void launch_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, int64_t q_stride_t,
+                           int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+                           int64_t v_stride_h, void* out, float* lse, const int32_t* cu_seqlens,
+                           const float* alibi_slopes, int batch, int heads, int head_dim, int64_t total_tokens,
+                           int max_seqlen, float softmax_scale, cudaStream_t stream) {
+  attn::check_common(dtype, head_dim, batch, heads, max_seqlen);
+  if (batch == 0 || max_seqlen == 0 || total_tokens == 0) return;
+  attn::Params p{};
+  p.q = q, p.k = k, p.v = v;
+  p.q_st = q_stride_t, p.q_sh = q_stride_h, p.k_st = k_stride_t, p.k_sh = k_stride_h;
+  p.v_st = v_stride_t, p.v_sh = v_stride_h;
+  p.out = out, p.lse = lse, p.cu_seqlens = cu_seqlens, p.slopes = alibi_slopes;
+  p.batch = batch, p.heads = heads, p.total = total_tokens, p.scale = softmax_scale;
+  p.vec = attn::aligned16(q) && attn::aligned16(k) && attn::aligned16(v) && q_stride_t % 8 == 0 &&
+          q_stride_h % 8 == 0 && k_stride_t % 8 == 0 && k_stride_h % 8 == 0 && v_stride_t % 8 == 0 &&
+          v_stride_h % 8 == 0;
+  const bool bf = dtype == kBF16;
+  switch (head_dim) {
+    case 32: bf ? attn::run_fwd<__nv_bfloat16, 32>(p, max_seqlen, stream) : attn::run_fwd<__half, 32>(p, max_seqlen, stream); break;
+    case 64: bf ? attn::run_fwd<__nv_bfloat16, 64>(p, max_seqlen, stream) : attn::run_fwd<__half, 64>(p, max_seqlen, stream); break;
+    default: bf ? attn::run_fwd<__nv_bfloat16, 128>(p, max_seqlen, stream) : attn::run_fwd<__half, 128>(p, max_seqlen, stream); break;
+  }
+}
+
+// Backward. dout, out, dq, dk, dv: contiguous [T, H, D]; q, k, v strided as in the forward; lse: [H, T]
+// fp32 from the forward; delta: an [H, T] fp32 workspace (written here, rowsum(dout * out)).
+void launch_flash_attn_bwd(int dtype, const void* dout, const void* q, const void* k, const void* v,
+                           int64_t q_stride_t, int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h,
+                           int64_t v_stride_t, int64_t v_stride_h, const void* out, const float* lse, void* dq,
+                           void* dk, void* dv, float* delta, const int32_t* cu_seqlens, const float* alibi_slopes,
+                           int batch, int heads, int head_dim, int64_t total_tokens, int max_seqlen,
+                           float softmax_scale, cudaStream_t stream) {
+  attn::check_common(dtype, head_dim, batch, heads, max_seqlen);
+  if (batch == 0 || max_seqlen == 0 || total_tokens == 0) return;
+  attn::Params p{};
+  p.q = q, p.k = k, p.v = v;
+  p.q_st = q_stride_t, p.q_sh = q_stride_h, p.k_st = k_stride_t, p.k_sh = k_stride_h;
+  p.v_st = v_stride_t, p.v_sh = v_stride_h;
+  p.out = out, p.dout = dout, p.dq = dq, p.dk = dk, p.dv = dv;
+  p.lse = const_cast<float*>(lse), p.delta = delta;
+  p.cu_seqlens = cu_seqlens, p.slopes = alibi_slopes;
+  p.batch = batch, p.heads = heads, p.total = total_tokens, p.scale = softmax_scale;
+  p.vec = attn::aligned16(q) && attn::aligned16(k) && attn::aligned16(v) && attn::aligned16(dout) &&
+          q_stride_t % 8 == 0 && q_stride_h % 8 == 0 && k_stride_t % 8 == 0 && k_stride_h % 8 == 0 &&
+          v_stride_t % 8 == 0 && v_stride_h % 8 == 0;
+  const bool bf = dtype == kBF16;
+  switch (head_dim) {
+    case 32: bf ? attn::run_bwd<__nv_bfloat16, 32>(p, max_seqlen, stream) : attn::run_bwd<__half, 32>(p, max_seqlen, stream); break;
+    case 64: bf ? attn::run_bwd<__nv_bfloat16, 64>(p, max_seqlen, stream) : attn::run_bwd<__half, 64>(p, max_seqlen, stream); break;
+    default: bf ? attn::run_bwd<__nv_bfloat16, 128>(p, max_seqlen, stream) : attn::run_bwd<__half, 128>(p, max_seqlen, stream); break;
+  }
+}
+
+}  // namespace fb

@@ -39,26 +39,36 @@ std::string shape_str(const Tensor& t) {
   return s + (t.dim() == 1 ? ",)" : ")");
 }
 
-#define FB_CHECK_CUDA(name, t)                                                                                  \
-  TORCH_CHECK((t).is_cuda(), name ": expected a CUDA tensor (fastbert._C runs on the GPU; use the torch or "   \
-              "triton backend for CPU tensors), got a tensor on ", (t).device())
-#define FB_CHECK_DEVICE(name, t, ref)                                                                           \
-  TORCH_CHECK((t).device() == (ref).device(), name ": expected a tensor on ", (ref).device(),                     \
-              " (the device of the other inputs), got ", (t).device())
-#define FB_CHECK_DIM(name, t, d) \
-  TORCH_CHECK((t).dim() == (d), name ": expected a " #d "-D tensor, got shape ", shape_str(t))
-#define FB_CHECK_CONTIG(name, t) TORCH_CHECK((t).is_contiguous(), name ": expected a contiguous tensor")
-#define FB_CHECK_FLOAT(name, t)                                                                                 \
-  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kHalf ||                             \
-                  (t).scalar_type() == at::kBFloat16,                                                           \
-              name ": expected dtype in ['torch.float16', 'torch.bfloat16', 'torch.float32'], got ",            \
-              py_dtype((t).scalar_type()))
-#define FB_CHECK_SAME_DTYPE(name, t, ref_name, ref)                                                             \
-  TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), name ": expected dtype ", py_dtype((ref).scalar_type()), \
-              " (the dtype of " ref_name "), got ", py_dtype((t).scalar_type()))
-#define FB_CHECK_SHAPE(name, t, ref_name, ref)                                                                 \
-  TORCH_CHECK((t).sizes() == (ref).sizes(), name ": expected shape ", shape_str(ref), " (the shape of " ref_name \
-              "), got ", shape_str(t))
+// Input checks, with the messages of the Python layer (fastbert/ops/_checks.py). `name` is the argument.
+void check_cuda(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor (fastbert._C runs on the GPU; use the torch or triton "
+              "backend for CPU tensors), got a tensor on ", t.device());
+}
+void check_device(const char* name, const Tensor& t, const Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+              " (the device of the other inputs), got ", t.device());
+}
+void check_dim(const char* name, const Tensor& t, int64_t d) {
+  TORCH_CHECK(t.dim() == d, name, ": expected a ", d, "-D tensor, got shape ", shape_str(t));
+}
+void check_dtype(const char* name, const Tensor& t, at::ScalarType want) {  // one allowed dtype
+  TORCH_CHECK(t.scalar_type() == want, name, ": expected dtype in ['", py_dtype(want), "'], got ",
+              py_dtype(t.scalar_type()));
+}
+void check_dtype_like(const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", py_dtype(ref.scalar_type()),
+              " (the dtype of ", ref_name, "), got ", py_dtype(t.scalar_type()));
+}
+void check_shape_like(const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, ": expected shape ", shape_str(ref), " (the shape of ", ref_name,
+              "), got ", shape_str(t));
+}
+// Same device, shape and dtype as `ref` (in that order).
+void check_like(const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
+  check_device(name, t, ref);
+  check_shape_like(name, t, ref_name, ref);
+  check_dtype_like(name, t, ref_name, ref);
+}
 
 int dtype_code(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -72,9 +82,8 @@ int dtype_code(const Tensor& t) {
 
 // A 2-D contiguous floating input on the GPU.
 void check_matrix(const char* name, const Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor (fastbert._C runs on the GPU; use the torch or triton "
-              "backend for CPU tensors), got a tensor on ", t.device());
-  TORCH_CHECK(t.dim() == 2, name, ": expected a 2-D tensor, got shape ", shape_str(t));
+  check_cuda(name, t);
+  check_dim(name, t, 2);
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
               name, ": expected dtype in ['torch.float16', 'torch.bfloat16', 'torch.float32'], got ",
@@ -87,32 +96,58 @@ void check_matrix(const char* name, const Tensor& t) {
 Tensor param_f32(const char* name, const OptT& t, int64_t n, const Tensor& ref) {
   if (!t.has_value() || !t->defined()) return Tensor();
   const Tensor& v = *t;
-  TORCH_CHECK(v.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
-              " (the device of the other inputs), got ", v.device());
+  check_device(name, v, ref);
   TORCH_CHECK(v.dim() == 1 && v.size(0) == n, name, ": expected shape (", n,
               ",) to match the last dim of the input, got ", shape_str(v));
   TORCH_CHECK(v.is_floating_point(), name, ": expected a floating tensor, got ", py_dtype(v.scalar_type()));
   return v.to(at::kFloat).contiguous();
 }
 
-const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+// An optional tensor that must match `ref` in device, shape and dtype: contiguous, or undefined if absent.
+Tensor optional_like(const char* name, const OptT& t, const char* ref_name, const Tensor& ref) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  check_like(name, *t, ref_name, ref);
+  return t->contiguous();
+}
+
+// Null for an undefined (absent) tensor. Only for tensors this file allocated or made contiguous.
+float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 void* vptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// A gradient computed in fp32, returned in the parameter's dtype (or absent).
+OptT grad_as(const Tensor& g, at::ScalarType dtype) {
+  OptT out;
+  if (g.defined()) out = g.to(dtype);
+  return out;
+}
+
+// The dbias of a pointwise backward over [M, n] columns: the fp32 partial rows the kernel writes
+// (pointwise_partials(M) * n) and the fp32 result [n]; both undefined when there is no bias.
+struct DbiasWorkspace {
+  Tensor part, db;
+};
+DbiasWorkspace dbias_workspace(const Tensor& b, int M, int64_t n, const Tensor& x) {
+  DbiasWorkspace w;
+  if (b.defined()) {
+    w.part = at::empty({(int64_t)fb::pointwise_partials(M) * n}, x.options().dtype(at::kFloat));
+    w.db = at::empty({n}, x.options().dtype(at::kFloat));
+  }
+  return w;
+}
 
 void check_approximate(const std::string& a) {
   TORCH_CHECK(a == "none" || a == "tanh", "approximate: expected 'none' (erf GELU) or 'tanh', got '", a, "'");
 }
 
 void check_indices(const Tensor& idx, const Tensor& ref) {
-  TORCH_CHECK(idx.device() == ref.device(), "indices: expected a tensor on ", ref.device(),
-              " (the device of the other inputs), got ", idx.device());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "indices: expected dtype in ['torch.int64'], got ",
-              py_dtype(idx.scalar_type()));
-  TORCH_CHECK(idx.dim() == 1, "indices: expected a 1-D tensor, got shape ", shape_str(idx));
+  check_device("indices", idx, ref);
+  check_dtype("indices", idx, at::kLong);
+  check_dim("indices", idx, 1);
 }
 
 // ---- padding -----------------------------------------------------------------------------------
 Tensor index_gather_fwd(const Tensor& x_, const Tensor& indices) {
-  FB_CHECK_CUDA("x", x_);
+  check_cuda("x", x_);
   check_indices(indices, x_);
   TORCH_CHECK(x_.dim() >= 1, "x: expected at least 1 dims, got shape ", shape_str(x_));
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -128,7 +163,7 @@ Tensor index_gather_fwd(const Tensor& x_, const Tensor& indices) {
 }
 
 Tensor index_scatter_fwd(const Tensor& x_, const Tensor& indices, int64_t num_rows) {
-  FB_CHECK_CUDA("x", x_);
+  check_cuda("x", x_);
   check_indices(indices, x_);
   TORCH_CHECK(x_.dim() >= 1 && x_.size(0) == indices.size(0), "x: expected ", indices.size(0),
               " rows (one per index), got shape ", shape_str(x_));
@@ -160,26 +195,16 @@ std::tuple<Tensor, OptT> bias_gelu_bwd(const Tensor& dy, const Tensor& x, const 
                                        const std::string& approximate) {
   check_matrix("x", x);
   check_matrix("dy", dy);
-  FB_CHECK_DEVICE("dy", dy, x);
-  FB_CHECK_SHAPE("dy", dy, "x", x);
-  FB_CHECK_SAME_DTYPE("dy", dy, "x", x);
+  check_like("dy", dy, "x", x);
   check_approximate(approximate);
   const c10::cuda::CUDAGuard guard(x.device());
   const int M = x.size(0), N = x.size(1);
   Tensor b = param_f32("bias", bias, N, x);
   Tensor dx = at::empty_like(x);
-  Tensor part, db;
-  if (b.defined()) {
-    part = at::empty({(int64_t)fb::pointwise_partials(M) * N}, x.options().dtype(at::kFloat));
-    db = at::empty({N}, x.options().dtype(at::kFloat));
-  }
-  fb::launch_bias_gelu_bwd(dtype_code(x), dy.data_ptr(), x.data_ptr(), fptr(b), dx.data_ptr(),
-                           part.defined() ? part.data_ptr<float>() : nullptr,
-                           db.defined() ? db.data_ptr<float>() : nullptr, M, N, approximate == "tanh",
-                           at::cuda::getCurrentCUDAStream());
-  OptT dbias;
-  if (db.defined()) dbias = db.to(bias->scalar_type());
-  return {dx, dbias};
+  DbiasWorkspace ws = dbias_workspace(b, M, N, x);
+  fb::launch_bias_gelu_bwd(dtype_code(x), dy.data_ptr(), x.data_ptr(), fptr(b), dx.data_ptr(), fptr(ws.part),
+                           fptr(ws.db), M, N, approximate == "tanh", at::cuda::getCurrentCUDAStream());
+  return {dx, grad_as(ws.db, b.defined() ? bias->scalar_type() : x.scalar_type())};
 }
 
 Tensor geglu_fwd(const Tensor& x, const OptT& bias, const std::string& approximate) {
@@ -199,8 +224,8 @@ std::tuple<Tensor, OptT> geglu_bwd(const Tensor& dy, const Tensor& x, const OptT
                                    const std::string& approximate) {
   check_matrix("x", x);
   check_matrix("dy", dy);
-  FB_CHECK_DEVICE("dy", dy, x);
-  FB_CHECK_SAME_DTYPE("dy", dy, "x", x);
+  check_device("dy", dy, x);
+  check_dtype_like("dy", dy, "x", x);
   TORCH_CHECK(x.size(1) % 2 == 0, "x: expected an even last dim (two halves), got shape ", shape_str(x));
   TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) * 2 == x.size(1), "dy: expected shape (", x.size(0), ", ",
               x.size(1) / 2, ") (half the last dim of x), got ", shape_str(dy));
@@ -209,18 +234,10 @@ std::tuple<Tensor, OptT> geglu_bwd(const Tensor& dy, const Tensor& x, const OptT
   const int M = x.size(0), N = x.size(1) / 2;
   Tensor b = param_f32("bias", bias, x.size(1), x);
   Tensor dx = at::empty_like(x);
-  Tensor part, db;
-  if (b.defined()) {
-    part = at::empty({(int64_t)fb::pointwise_partials(M) * 2 * N}, x.options().dtype(at::kFloat));
-    db = at::empty({2 * N}, x.options().dtype(at::kFloat));
-  }
-  fb::launch_geglu_bwd(dtype_code(x), dy.data_ptr(), x.data_ptr(), fptr(b), dx.data_ptr(),
-                       part.defined() ? part.data_ptr<float>() : nullptr,
-                       db.defined() ? db.data_ptr<float>() : nullptr, M, N, approximate == "tanh",
-                       at::cuda::getCurrentCUDAStream());
-  OptT dbias;
-  if (db.defined()) dbias = db.to(bias->scalar_type());
-  return {dx, dbias};
+  DbiasWorkspace ws = dbias_workspace(b, M, 2 * (int64_t)N, x);
+  fb::launch_geglu_bwd(dtype_code(x), dy.data_ptr(), x.data_ptr(), fptr(b), dx.data_ptr(), fptr(ws.part),
+                       fptr(ws.db), M, N, approximate == "tanh", at::cuda::getCurrentCUDAStream());
+  return {dx, grad_as(ws.db, b.defined() ? bias->scalar_type() : x.scalar_type())};
 }
 
 // ---- LayerNorm ---------------------------------------------------------------------------------
@@ -233,14 +250,7 @@ std::tuple<Tensor, OptT, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const O
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor w = param_f32("weight", weight, N, x);
   Tensor b = param_f32("bias", bias, N, x);
-  Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    res = *residual;
-    FB_CHECK_DEVICE("residual", res, x);
-    FB_CHECK_SHAPE("residual", res, "x", x);
-    FB_CHECK_SAME_DTYPE("residual", res, "x", x);
-    res = res.contiguous();
-  }
+  Tensor res = optional_like("residual", residual, "x", x);
   Tensor y = at::empty_like(x);
   Tensor z = res.defined() ? at::empty_like(x) : Tensor();
   Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
@@ -257,29 +267,19 @@ std::tuple<Tensor, OptT, OptT> layer_norm_bwd(const Tensor& dy, const Tensor& z,
                                               const Tensor& mean, const Tensor& rstd, const OptT& dz_extra) {
   check_matrix("z", z);
   check_matrix("dy", dy);
-  FB_CHECK_DEVICE("dy", dy, z);
-  FB_CHECK_SHAPE("dy", dy, "z", z);
-  FB_CHECK_SAME_DTYPE("dy", dy, "z", z);
+  check_like("dy", dy, "z", z);
   const int M = z.size(0), N = z.size(1);
   TORCH_CHECK(N <= fb::layer_norm_max_n(), "z: the CUDA LayerNorm keeps a row in registers: N <= ",
               fb::layer_norm_max_n(), ", got shape ", shape_str(z));
   for (auto* p : {&mean, &rstd}) {
     const char* name = p == &mean ? "mean" : "rstd";
-    TORCH_CHECK(p->device() == z.device(), name, ": expected a tensor on ", z.device(),
-                " (the device of the other inputs), got ", p->device());
+    check_device(name, *p, z);
     TORCH_CHECK(p->dim() == 1 && p->size(0) == M, name, ": expected shape (", M, ",), got ", shape_str(*p));
   }
   const c10::cuda::CUDAGuard guard(z.device());
   Tensor w = param_f32("weight", weight, N, z);
   Tensor mean32 = mean.to(at::kFloat).contiguous(), rstd32 = rstd.to(at::kFloat).contiguous();
-  Tensor dze;
-  if (dz_extra.has_value() && dz_extra->defined()) {
-    dze = *dz_extra;
-    FB_CHECK_DEVICE("dz_extra", dze, z);
-    FB_CHECK_SHAPE("dz_extra", dze, "z", z);
-    FB_CHECK_SAME_DTYPE("dz_extra", dze, "z", z);
-    dze = dze.contiguous();
-  }
+  Tensor dze = optional_like("dz_extra", dz_extra, "z", z);
   const int G = fb::layer_norm_bwd_num_partials(M, N);
   auto f32 = z.options().dtype(at::kFloat);
   Tensor dz = at::empty_like(z);
@@ -287,14 +287,11 @@ std::tuple<Tensor, OptT, OptT> layer_norm_bwd(const Tensor& dy, const Tensor& z,
   Tensor part_db = has_bias ? at::empty({(int64_t)G * N}, f32) : Tensor();
   Tensor dw = w.defined() ? at::empty({N}, f32) : Tensor();
   Tensor db = has_bias ? at::empty({N}, f32) : Tensor();
-  auto fp = [](Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   fb::launch_layer_norm_bwd(dtype_code(z), dy.data_ptr(), z.data_ptr(), fptr(w), mean32.data_ptr<float>(),
-                            rstd32.data_ptr<float>(), vptr(dze), dz.data_ptr(), fp(part_dw), fp(part_db), fp(dw),
-                            fp(db), M, N, G, at::cuda::getCurrentCUDAStream());
-  OptT dwo, dbo;
-  if (dw.defined()) dwo = dw.to(weight->scalar_type());
-  if (db.defined()) dbo = db.to(w.defined() ? weight->scalar_type() : dy.scalar_type());
-  return {dz, dwo, dbo};
+                            rstd32.data_ptr<float>(), vptr(dze), dz.data_ptr(), fptr(part_dw), fptr(part_db),
+                            fptr(dw), fptr(db), M, N, G, at::cuda::getCurrentCUDAStream());
+  const at::ScalarType param_dtype = w.defined() ? weight->scalar_type() : dy.scalar_type();
+  return {dz, grad_as(dw, param_dtype), grad_as(db, param_dtype)};
 }
 
 // ---- MLM loss row kernel -----------------------------------------------------------------------
@@ -302,9 +299,8 @@ std::tuple<Tensor, OptT, OptT> layer_norm_bwd(const Tensor& dy, const Tensor& z,
 // targets [n] int64 -> loss [n] fp32.
 Tensor cross_entropy_rows(Tensor logits, const Tensor& targets, std::optional<double> grad_scale) {
   check_matrix("logits", logits);
-  FB_CHECK_DEVICE("targets", targets, logits);
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected dtype in ['torch.int64'], got ",
-              py_dtype(targets.scalar_type()));
+  check_device("targets", targets, logits);
+  check_dtype("targets", targets, at::kLong);
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), "targets: expected shape (", logits.size(0),
               ",), got ", shape_str(targets));
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -321,8 +317,8 @@ Tensor cross_entropy_rows(Tensor logits, const Tensor& targets, std::optional<do
 // Metadata checks only (messages as fastbert/ops/_checks.py); the values of cu_seqlens are checked by
 // the Python layer, since reading them here would cost a host sync per call.
 void check_attn_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  FB_CHECK_CUDA("q", q);
-  FB_CHECK_DIM("q", q, 3);
+  check_cuda("q", q);
+  check_dim("q", q, 3);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q: the CUDA attention kernels take torch.float16 or torch.bfloat16 (tensor cores), got ",
               py_dtype(q.scalar_type()), "; use the triton or torch backend for it");
@@ -333,14 +329,10 @@ void check_attn_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   const char* names[2] = {"k", "v"};
   const Tensor* ts[2] = {&k, &v};
   for (int i = 0; i < 2; ++i) {
-    const Tensor& t = *ts[i];
-    TORCH_CHECK(t.device() == q.device(), names[i], ": expected a tensor on ", q.device(),
-                " (the device of the other inputs), got ", t.device());
-    TORCH_CHECK(t.dim() == 3, names[i], ": expected a 3-D tensor, got shape ", shape_str(t));
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), names[i], ": expected dtype ", py_dtype(q.scalar_type()),
-                " (the dtype of q), got ", py_dtype(t.scalar_type()));
-    TORCH_CHECK(t.sizes() == q.sizes(), names[i], ": expected shape ", shape_str(q), " (the shape of q), got ",
-                shape_str(t));
+    check_device(names[i], *ts[i], q);
+    check_dim(names[i], *ts[i], 3);
+    check_dtype_like(names[i], *ts[i], "q", q);
+    check_shape_like(names[i], *ts[i], "q", q);
   }
   const char* all[3] = {"q", "k", "v"};
   const Tensor* ats[3] = {&q, &k, &v};
@@ -351,10 +343,9 @@ void check_attn_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 
 // cu_seqlens [B+1] int32 contiguous; slopes [H] or [B, H] -> [B, H] fp32 contiguous (undefined if absent).
 Tensor attn_meta(const Tensor& q, const Tensor& cu, int64_t max_seqlen, const OptT& slopes) {
-  FB_CHECK_DEVICE("cu_seqlens", cu, q);
-  TORCH_CHECK(cu.scalar_type() == at::kInt, "cu_seqlens: expected dtype in ['torch.int32'], got ",
-              py_dtype(cu.scalar_type()));
-  TORCH_CHECK(cu.dim() == 1, "cu_seqlens: expected a 1-D tensor, got shape ", shape_str(cu));
+  check_device("cu_seqlens", cu, q);
+  check_dtype("cu_seqlens", cu, at::kInt);
+  check_dim("cu_seqlens", cu, 1);
   TORCH_CHECK(cu.size(0) >= 2 && cu.size(0) - 1 <= 65535, "cu_seqlens: expected shape [batch + 1] with 1 <= batch "
               "<= 65535, got ", shape_str(cu));
   TORCH_CHECK(cu.is_contiguous(), "cu_seqlens: expected a contiguous tensor");
@@ -362,12 +353,16 @@ Tensor attn_meta(const Tensor& q, const Tensor& cu, int64_t max_seqlen, const Op
   if (!slopes.has_value() || !slopes->defined()) return Tensor();
   const Tensor& s = *slopes;
   const int64_t B = cu.size(0) - 1, H = q.size(1);
-  FB_CHECK_DEVICE("alibi_slopes", s, q);
-  TORCH_CHECK(s.scalar_type() == at::kFloat, "alibi_slopes: expected dtype in ['torch.float32'], got ",
-              py_dtype(s.scalar_type()));
+  check_device("alibi_slopes", s, q);
+  check_dtype("alibi_slopes", s, at::kFloat);
   TORCH_CHECK((s.dim() == 1 && s.size(0) == H) || (s.dim() == 2 && s.size(0) == B && s.size(1) == H),
               "alibi_slopes: expected shape (", H, ",) or (", B, ", ", H, "), got ", shape_str(s));
   return s.expand({B, H}).contiguous();
+}
+
+// The softmax scale: as given, else 1 / sqrt(head dim).
+double attn_scale(const std::optional<double>& softmax_scale, int64_t D) {
+  return softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt((double)D);
 }
 
 std::tuple<Tensor, Tensor> flash_attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
@@ -377,7 +372,7 @@ std::tuple<Tensor, Tensor> flash_attn_fwd(const Tensor& q, const Tensor& k, cons
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor slopes = attn_meta(q, cu_seqlens, max_seqlen, alibi_slopes);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt((double)D);
+  const double scale = attn_scale(softmax_scale, D);
   Tensor out = at::empty({T, H, D}, q.options());
   Tensor lse = at::empty({H, T}, q.options().dtype(at::kFloat));
   fb::launch_flash_attn_fwd(dtype_code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1),
@@ -395,23 +390,18 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd(const Tensor& dout, const Tens
   const char* names[2] = {"dout", "out"};
   const Tensor* ts[2] = {&dout, &out};
   for (int i = 0; i < 2; ++i) {
-    const Tensor& t = *ts[i];
-    TORCH_CHECK(t.device() == q.device(), names[i], ": expected a tensor on ", q.device(),
-                " (the device of the other inputs), got ", t.device());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), names[i], ": expected dtype ", py_dtype(q.scalar_type()),
-                " (the dtype of q), got ", py_dtype(t.scalar_type()));
-    TORCH_CHECK(t.sizes() == q.sizes(), names[i], ": expected shape ", shape_str(q), " (the shape of q), got ",
-                shape_str(t));
+    check_device(names[i], *ts[i], q);
+    check_dtype_like(names[i], *ts[i], "q", q);
+    check_shape_like(names[i], *ts[i], "q", q);
   }
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  FB_CHECK_DEVICE("lse", lse, q);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected dtype in ['torch.float32'], got ",
-              py_dtype(lse.scalar_type()));
+  check_device("lse", lse, q);
+  check_dtype("lse", lse, at::kFloat);
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == T, "lse: expected shape (", H, ", ", T,
               "), got ", shape_str(lse));
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor slopes = attn_meta(q, cu_seqlens, max_seqlen, alibi_slopes);
-  const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt((double)D);
+  const double scale = attn_scale(softmax_scale, D);
   Tensor doc = dout.contiguous(), oc = out.contiguous(), lsec = lse.contiguous();
   Tensor dq = at::empty({T, H, D}, q.options());
   Tensor dk = at::empty({T, H, D}, q.options());

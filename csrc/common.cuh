@@ -18,10 +18,26 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "dtypes.h"
 #include <stdexcept>
 #include <string>
+
+// Shared memory and launches (defined before the templates below that launch kernels).
+#ifdef FB_HOST_EMU
+#define FB_SHARED(T, name, count) T* name = ::emu::shared_array<T>(count)
+#define FB_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_shared())
+#define FB_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#define FB_SHARED(T, name, count)         \
+  __shared__ __align__(16) T name##_smem_[count]; \
+  T* name = name##_smem_
+#define FB_DYNAMIC_SHARED(T, name)                            \
+  extern __shared__ __align__(16) unsigned char fb_dyn_smem_[]; \
+  T* name = reinterpret_cast<T*>(fb_dyn_smem_)
+#define FB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace fb {
 
@@ -76,6 +92,13 @@ inline int vec_width(int64_t row_len, std::initializer_list<const void*> ptrs) {
   return vec;
 }
 
+// ---- launch -------------------------------------------------------------------------------------
+// Throws std::runtime_error naming `what` when the last launch failed; in FASTBERT_CUDA_DEBUG builds it
+// also synchronises so that faults inside the kernel are reported at their launch. Defined in common.cu.
+void check_launch(const char* what);
+
+inline int ceil_div(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
 // ---- reductions ---------------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -125,25 +148,130 @@ void launch_reduce_partials(const float* partial, float* out, int G, int N, cuda
 // Defined in common.cu.
 int pointwise_partials(int64_t M);
 
-// ---- launch -------------------------------------------------------------------------------------
-// Throws std::runtime_error naming `what` when the last launch failed; in FASTBERT_CUDA_DEBUG builds it
-// also synchronises so that faults inside the kernel are reported at their launch. Defined in common.cu.
-void check_launch(const char* what);
+// ---- pointwise kernels over [M, N] row-major (bias_gelu.cu, geglu.cu) ------------------------------
+// Block (32, 8): threadIdx.x walks VEC-wide column vectors, threadIdx.y rows; gridDim.y row chunks of
+// rows_per_chunk rows each (the chunks are the partial rows of the column sums).
+constexpr int kPwRows = 8;  // blockDim.y
 
-inline int ceil_div(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+// The rows [r0, r1) of this block's chunk.
+__device__ __forceinline__ void chunk_rows(int M, int rows_per_chunk, int64_t& r0, int64_t& r1) {
+  r0 = (int64_t)blockIdx.y * rows_per_chunk;
+  r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
+}
+
+// VEC bias values from bias[off..] (fp32), zeros when there is no bias or the thread is past the end.
+template <int VEC>
+__device__ __forceinline__ void load_bias(const float* __restrict__ bias, int64_t off, bool active,
+                                          float (&out)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = (active && bias != nullptr) ? bias[off + i] : 0.f;
+}
+
+// Column sums of the block's kPwRows row-threads, in a fixed order (deterministic): every thread stashes
+// its VEC running sums in comb (kPwRows * 32 * VEC floats of shared memory), then, after a __syncthreads()
+// by the caller, threads with threadIdx.y == 0 add the rows up in order r = 0, 1, ...
+template <int VEC>
+__device__ __forceinline__ void stash_column_sums(float* comb, const float (&acc)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) comb[(threadIdx.y * 32 + threadIdx.x) * VEC + i] = acc[i];
+}
+template <int VEC>
+__device__ __forceinline__ void sum_column_sums(const float* comb, float* __restrict__ out) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    float s = 0.f;
+    for (int r = 0; r < kPwRows; ++r) s += comb[(r * 32 + threadIdx.x) * VEC + i];
+    out[i] = s;
+  }
+}
+
+// Host side of the pointwise launches: the chunking, the grid, and the one vector-width switch.
+struct PointwiseLaunch {
+  int G, rows_per_chunk, vec;
+  dim3 block, grid;
+};
+template <typename T>
+inline PointwiseLaunch pointwise_launch(int M, int N, std::initializer_list<const void*> ptrs) {
+  PointwiseLaunch l;
+  l.G = pointwise_partials(M);
+  l.rows_per_chunk = ceil_div(M, l.G);
+  l.vec = vec_width<T>(N, ptrs);
+  l.block = dim3(32, kPwRows);
+  l.grid = dim3(ceil_div(N, 32 * l.vec), l.G);
+  return l;
+}
+// f(std::integral_constant<int, VEC>{}) with VEC = 16 / sizeof(T) (a 128-bit vector) when vec allows it,
+// else VEC = 1: both kernel variants are instantiated, the launch picks one.
+template <typename T, typename F>
+inline void with_vec(int vec, F&& f) {
+  constexpr int V = 16 / sizeof(T);
+  if (vec == V)
+    f(std::integral_constant<int, V>{});
+  else
+    f(std::integral_constant<int, 1>{});
+}
+
+// f(T{}) for the dtype code (float, __half, __nv_bfloat16); `op` names the caller in the error.
+template <typename F>
+inline void with_float_dtype(int dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case kF32: f(float{}); break;
+    case kF16: f(__half{}); break;
+    case kBF16: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+// The launchers of a pointwise op over x [M, kXCols * N] -> y [M, N] with a bias of kXCols * N columns,
+// for an Op struct (bias_gelu.cu, geglu.cu) that names its kernels:
+//   kName, kFwdName, kBwdName (error messages), kXCols,
+//   template <typename T, int VEC> static auto fwd() / bwd(): the kernel functions, with the signatures
+//   (x, bias, y, M, N, rows_per_chunk, tanh_approx) and (dy, x, bias, dx, part_db, M, N, rows_per_chunk,
+//   tanh_approx).
+template <typename Op, typename T>
+void pointwise_typed(bool bwd, const void* dy, const void* x, const float* bias, void* out, float* part_db,
+                     float* dbias, int M, int N, bool tanh_approx, cudaStream_t stream) {
+  const PointwiseLaunch l = pointwise_launch<T>(M, N, {dy, x, out});
+  const T* xt = static_cast<const T*>(x);
+  const T* dyt = static_cast<const T*>(dy);
+  T* ot = static_cast<T*>(out);
+  if (!bwd) {
+    with_vec<T>(l.vec, [&](auto V) {
+      auto kern = Op::template fwd<T, decltype(V)::value>();
+      FB_LAUNCH(kern, l.grid, l.block, 0, stream, xt, bias, ot, M, N, l.rows_per_chunk, tanh_approx);
+    });
+    check_launch(Op::kFwdName);
+    return;
+  }
+  with_vec<T>(l.vec, [&](auto V) {
+    auto kern = Op::template bwd<T, decltype(V)::value>();
+    FB_LAUNCH(kern, l.grid, l.block, 0, stream, dyt, xt, bias, ot, part_db, M, N, l.rows_per_chunk, tanh_approx);
+  });
+  check_launch(Op::kBwdName);
+  if (dbias != nullptr) launch_reduce_partials(part_db, dbias, l.G, Op::kXCols * N, stream);
+}
+
+template <typename Op>
+void pointwise_fwd(int dtype, const void* x, const float* bias, void* y, int M, int N, bool tanh_approx,
+                   cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return;
+  with_float_dtype(dtype, Op::kName, [&](auto tag) {
+    pointwise_typed<Op, decltype(tag)>(false, nullptr, x, bias, y, nullptr, nullptr, M, N, tanh_approx, stream);
+  });
+}
+
+template <typename Op>
+void pointwise_bwd(int dtype, const void* dy, const void* x, const float* bias, void* dx, float* part_db,
+                   float* dbias, int M, int N, bool tanh_approx, cudaStream_t stream) {
+  if (N <= 0) return;
+  if (M <= 0) {
+    if (dbias != nullptr) cudaMemsetAsync(dbias, 0, sizeof(float) * Op::kXCols * (size_t)N, stream);
+    return;
+  }
+  with_float_dtype(dtype, Op::kName, [&](auto tag) {
+    pointwise_typed<Op, decltype(tag)>(true, dy, x, bias, dx, part_db, dbias, M, N, tanh_approx, stream);
+  });
+}
 
 }  // namespace fb
 
-#ifdef FB_HOST_EMU
-#define FB_SHARED(T, name, count) T* name = ::emu::shared_array<T>(count)
-#define FB_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_shared())
-#define FB_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
-#else
-#define FB_SHARED(T, name, count)         \
-  __shared__ __align__(16) T name##_smem_[count]; \
-  T* name = name##_smem_
-#define FB_DYNAMIC_SHARED(T, name)                            \
-  extern __shared__ __align__(16) unsigned char fb_dyn_smem_[]; \
-  T* name = reinterpret_cast<T*>(fb_dyn_smem_)
-#define FB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#endif

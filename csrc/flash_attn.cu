@@ -170,6 +170,109 @@ __device__ __forceinline__ float quad_max(float x) {
   return x;
 }
 
+// ---- warp-level tile products. Accumulators are arrays of C fragments: c[n][4] covers columns n*8..n*8+7
+// of this warp's 16 rows. Everything unrolls completely (N, K are compile-time), so these are the same
+// instructions as the loops written out in each kernel.
+template <int N>
+__device__ __forceinline__ void zero_frags(float (&c)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+
+// One 16-deep step of a warp product, c[n] += a (16 x 16) times B's 16 x (N * 8) slice at k0, for the two
+// layouts of B in shared memory (row pitch LD):
+//   step_bt: B[k][n] = tile[n][k], the tile's rows are B's columns (S = Q K^T, dP = dO V^T, ...)
+//   step_b:  B[k][n] = tile[k][n], the tile's rows are B's rows (O += P V, dQ += dS K, ...)
+template <typename Tag, int LD, int N, typename T>
+__device__ __forceinline__ void step_bt(float (&c)[N][4], const uint32_t (&a)[4], const T* sB, int k0, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N; nt += 2) {
+    uint32_t b0[2], b1[2];
+    load_b_rows<LD>(b0, b1, sB, nt * 8, k0, lane);
+    mma_m16n8k16<Tag>(c[nt], a, b0);
+    mma_m16n8k16<Tag>(c[nt + 1], a, b1);
+  }
+}
+template <typename Tag, int LD, int N, typename T>
+__device__ __forceinline__ void step_b(float (&c)[N][4], const uint32_t (&a)[4], const T* sB, int k0, int lane) {
+#pragma unroll
+  for (int nd = 0; nd < N; nd += 2) {
+    uint32_t b0[2], b1[2];
+    load_b_cols<LD>(b0, b1, sB, k0, nd * 8, lane);
+    mma_m16n8k16<Tag>(c[nd], a, b0);
+    mma_m16n8k16<Tag>(c[nd + 1], a, b1);
+  }
+}
+
+// c += A B^T, A = rows r0..r0+15 of the row-major tile sA, B^T's rows = the N * 8 rows of the tile sB; the
+// reduction runs over the K columns of both tiles (S = Q K^T).
+template <typename Tag, int LD, int K, int N, typename T>
+__device__ __forceinline__ void mma_abt(float (&c)[N][4], const T* sA, int r0, const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    load_a<LD>(a, sA, r0, kk * 16, lane);
+    step_bt<Tag, LD>(c, a, sB, kk * 16, lane);
+  }
+}
+// The backward's two such products over tiles of the same shape, in one loop (c1 += A1 B1^T, c2 += A2 B2^T).
+template <typename Tag, int LD, int K, int N, typename T>
+__device__ __forceinline__ void mma_abt2(float (&c1)[N][4], const T* sA1, const T* sB1, float (&c2)[N][4],
+                                         const T* sA2, const T* sB2, int r0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a1[4], a2[4];
+    load_a<LD>(a1, sA1, r0, kk * 16, lane);
+    load_a<LD>(a2, sA2, r0, kk * 16, lane);
+    step_bt<Tag, LD>(c1, a1, sB1, kk * 16, lane);
+    step_bt<Tag, LD>(c2, a2, sB2, kk * 16, lane);
+  }
+}
+
+// c += P B, P = the C fragments pf[KN][4] (this warp's 16 rows x KN * 8 columns, packed to T on the fly:
+// the FA2 register reuse), B = the first KN * 8 rows of the row-major tile sB (O += P V, dQ += dS K).
+template <typename Tag, int LD, int KN, int N, typename T>
+__device__ __forceinline__ void mma_pb(float (&c)[N][4], const float (&pf)[KN][4], const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KN / 2; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, pf[2 * kk], pf[2 * kk + 1]);
+    step_b<Tag, LD>(c, a, sB, kk * 16, lane);
+  }
+}
+// Two such products in one loop (dV += P^T dO, dK += dS^T Q).
+template <typename Tag, int LD, int KN, int N, typename T>
+__device__ __forceinline__ void mma_pb2(float (&c1)[N][4], const float (&p1)[KN][4], const T* sB1, float (&c2)[N][4],
+                                        const float (&p2)[KN][4], const T* sB2, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KN / 2; ++kk) {
+    uint32_t a1[4], a2[4];
+    c_to_a<T>(a1, p1[2 * kk], p1[2 * kk + 1]);
+    c_to_a<T>(a2, p2[2 * kk], p2[2 * kk + 1]);
+    step_b<Tag, LD>(c1, a1, sB1, kk * 16, lane);
+    step_b<Tag, LD>(c2, a2, sB2, kk * 16, lane);
+  }
+}
+
+// Score in the log2 domain for query position i and key position j (same sequence):
+// (q . k) * scale * log2(e) - slope * log2(e) * |i - j|.
+__device__ __forceinline__ float alibi_score2(float qk, float scale2, float slope2, int i, int j) {
+  return qk * scale2 - slope2 * fabsf((float)(i - j));
+}
+
+// The ALiBi slope of (sequence b, head h) times log2(e); 0 without ALiBi.
+__device__ __forceinline__ float slope_log2(const Params& p, int b, int h) {
+  return p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
+}
+
+// Row `r` (0: g, 1: g + 8) of this lane's C fragments c[N][4], times mul, to the D = N * 8 contiguous
+// elements at row (32-bit stores of column pairs 2t, 2t + 1 of every n-tile).
+template <typename T, int N>
+__device__ __forceinline__ void store_frag_row(T* row, const float (&c)[N][4], int r, int t, float mul) {
+#pragma unroll
+  for (int nd = 0; nd < N; ++nd) st32(row + nd * 8 + 2 * t, pack2<T>(c[nd][2 * r] * mul, c[nd][2 * r + 1] * mul));
+}
+
 // ================================================================================================
 // forward
 // ================================================================================================
@@ -177,7 +280,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p) {
   using Tag = typename MmaTag<T>::type;
   constexpr int BN = Cfg<D>::kFwdKeys, LD = D + 8;
-  constexpr int KD = D / 16, NT = BN / 8, KN = BN / 16, ND = D / 8;
+  constexpr int NT = BN / 8, ND = D / 8;
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kRows;
   const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
   if (m0 >= len) return;  // whole block: grid.x covers the longest sequence
@@ -186,17 +289,16 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
   FB_SHARED(T, sV, BN * LD);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const float scale2 = p.scale * kLog2e;
-  const float slope2 = p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
-  const T* q = static_cast<const T*>(p.q) + (start + m0) * p.q_st + h * p.q_sh;
+  const float slope2 = slope_log2(p, b, h);
   const T* k = static_cast<const T*>(p.k) + start * p.k_st + h * p.k_sh;
   const T* v = static_cast<const T*>(p.v) + start * p.v_st + h * p.v_sh;
-  load_tile<T, kRows, D, LD>(sQ, q, p.q_st, len - m0, p.vec);
+  load_tile<T, kRows, D, LD>(sQ, static_cast<const T*>(p.q) + (start + m0) * p.q_st + h * p.q_sh,
+                             p.q_st, len - m0, p.vec);
 
   const int r0 = warp * 16;                  // this warp's first row in the tile
   const int pos0 = m0 + r0 + g;  // positions of this lane's two rows: pos0 and pos0 + 8
   float o[ND][4];
-#pragma unroll
-  for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  zero_frags(o);
   float m[2] = {-INFINITY, -INFINITY};  // running max (log2 domain)
   float l[2] = {0.f, 0.f};              // running sum of this lane's columns (quad-reduced at the end)
 
@@ -206,21 +308,9 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
     load_tile<T, BN, D, LD>(sV, v + n0 * p.v_st, p.v_st, len - n0, p.vec);
     __syncthreads();
 
-    float s[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t a[4];
-      load_a<LD>(a, sQ, r0, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_rows<LD>(b0, b1, sK, nt * 8, kk * 16, lane);
-        mma_m16n8k16<Tag>(s[nt], a, b0);
-        mma_m16n8k16<Tag>(s[nt + 1], a, b1);
-      }
-    }
+    float s[NT][4];  // S = Q K^T
+    zero_frags(s);
+    mma_abt<Tag, LD, D>(s, sQ, r0, sK, lane);
     // scale, ALiBi bias, key mask; new row maxima
     float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -228,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = n0 + nt * 8 + 2 * t + (e & 1);
-        float x = s[nt][e] * scale2 - slope2 * fabsf((float)(pos0 + 8 * (e >> 1) - j));
+        float x = alibi_score2(s[nt][e], scale2, slope2, pos0 + 8 * (e >> 1), j);
         x = j < len ? x : -INFINITY;
         s[nt][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -255,19 +345,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[nd][e] *= alpha[e >> 1];
     }
-    // O += P V, P taken straight from the score registers
-#pragma unroll
-    for (int kk = 0; kk < KN; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nd = 0; nd < ND; nd += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_cols<LD>(b0, b1, sV, kk * 16, nd * 8, lane);
-        mma_m16n8k16<Tag>(o[nd], a, b0);
-        mma_m16n8k16<Tag>(o[nd + 1], a, b1);
-      }
-    }
+    mma_pb<Tag, LD>(o, s, sV, lane);  // O += P V, P taken straight from the score registers
   }
 
   T* out = static_cast<T*>(const_cast<void*>(p.out));
@@ -278,11 +356,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
     if (i >= len) continue;
     const float inv = 1.f / lsum;
     const int64_t tok = start + i;
-    T* orow = out + (tok * p.heads + h) * D;
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      st32(orow + nd * 8 + 2 * t, pack2<T>(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv));
-    }
+    store_frag_row<T>(out + (tok * p.heads + h) * D, o, r, t, inv);
     if (t == 0) p.lse[h * p.total + tok] = (m[r] + log2f(lsum)) * kLn2;
   }
 }
@@ -294,7 +368,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Params p) {
   using Tag = typename MmaTag<T>::type;
   constexpr int BN = Cfg<D>::kDqKeys, LD = D + 8;
-  constexpr int KD = D / 16, NT = BN / 8, KN = BN / 16, ND = D / 8;
+  constexpr int NT = BN / 8, ND = D / 8;
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kRows;
   const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
   if (m0 >= len) return;
@@ -304,12 +378,12 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Param
   FB_SHARED(T, sV, BN * LD);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const float scale2 = p.scale * kLog2e;
-  const float slope2 = p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
+  const float slope2 = slope_log2(p, b, h);
   const int64_t rs = (int64_t)p.heads * D;  // token stride of the contiguous tensors
   const T* k = static_cast<const T*>(p.k) + start * p.k_st + h * p.k_sh;
   const T* v = static_cast<const T*>(p.v) + start * p.v_st + h * p.v_sh;
-  load_tile<T, kRows, D, LD>(sQ, static_cast<const T*>(p.q) + (start + m0) * p.q_st + h * p.q_sh, p.q_st,
-                             len - m0, p.vec);
+  load_tile<T, kRows, D, LD>(sQ, static_cast<const T*>(p.q) + (start + m0) * p.q_st + h * p.q_sh,
+                             p.q_st, len - m0, p.vec);
   load_tile<T, kRows, D, LD>(sdO, static_cast<const T*>(p.dout) + (start + m0) * rs + h * D, rs, len - m0, p.vec);
 
   const int r0 = warp * 16;
@@ -340,8 +414,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Param
   }
 
   float dq[ND][4];
-#pragma unroll
-  for (int i = 0; i < ND; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  zero_frags(dq);
 
   for (int n0 = 0; n0 < len; n0 += BN) {
     __syncthreads();
@@ -349,50 +422,22 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Param
     load_tile<T, BN, D, LD>(sV, v + n0 * p.v_st, p.v_st, len - n0, p.vec);
     __syncthreads();
 
-    float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-      s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t aq[4], ado[4];
-      load_a<LD>(aq, sQ, r0, kk * 16, lane);
-      load_a<LD>(ado, sdO, r0, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_rows<LD>(b0, b1, sK, nt * 8, kk * 16, lane);
-        mma_m16n8k16<Tag>(s[nt], aq, b0);
-        mma_m16n8k16<Tag>(s[nt + 1], aq, b1);
-        load_b_rows<LD>(b0, b1, sV, nt * 8, kk * 16, lane);
-        mma_m16n8k16<Tag>(dp[nt], ado, b0);
-        mma_m16n8k16<Tag>(dp[nt + 1], ado, b1);
-      }
-    }
+    float s[NT][4], dp[NT][4];  // S = Q K^T, dP = dO V^T
+    zero_frags(s);
+    zero_frags(dp);
+    mma_abt2<Tag, LD, D>(s, sQ, sK, dp, sdO, sV, r0, lane);
     // P = exp2(S * scale2 - bias - lse2), dS = P (dP - delta), kept in s[]
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = n0 + nt * 8 + 2 * t + (e & 1), r = e >> 1;
-        const float x = s[nt][e] * scale2 - slope2 * fabsf((float)(pos0 + 8 * r - j)) - lse2[r];
+        const float x = alibi_score2(s[nt][e], scale2, slope2, pos0 + 8 * r, j) - lse2[r];
         const float pv = j < len ? exp2f(x) : 0.f;
         s[nt][e] = pv * (dp[nt][e] - delta[r]);
       }
     }
-    // dQ += dS K
-#pragma unroll
-    for (int kk = 0; kk < KN; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nd = 0; nd < ND; nd += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_cols<LD>(b0, b1, sK, kk * 16, nd * 8, lane);
-        mma_m16n8k16<Tag>(dq[nd], a, b0);
-        mma_m16n8k16<Tag>(dq[nd + 1], a, b1);
-      }
-    }
+    mma_pb<Tag, LD>(dq, s, sK, lane);  // dQ += dS K
   }
 
   T* dqp = static_cast<T*>(p.dq);
@@ -400,11 +445,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Param
   for (int r = 0; r < 2; ++r) {
     const int i = pos0 + 8 * r;
     if (i >= len) continue;
-    T* row = dqp + ((start + i) * p.heads + h) * D;
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      st32(row + nd * 8 + 2 * t, pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale));
-    }
+    store_frag_row<T>(dqp + ((start + i) * p.heads + h) * D, dq, r, t, p.scale);
   }
 }
 
@@ -415,7 +456,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Params p) {
   using Tag = typename MmaTag<T>::type;
   constexpr int BM = Cfg<D>::kDkvQueries, LD = D + 8;
-  constexpr int KD = D / 16, NT = BM / 8, KM = BM / 16, ND = D / 8;
+  constexpr int NT = BM / 8, ND = D / 8;
   const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * kRows;
   const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
   if (n0 >= len) return;
@@ -427,21 +468,20 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
   FB_SHARED(float, sDelta, BM);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const float scale2 = p.scale * kLog2e;
-  const float slope2 = p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
+  const float slope2 = slope_log2(p, b, h);
   const int64_t rs = (int64_t)p.heads * D;
-  load_tile<T, kRows, D, LD>(sK, static_cast<const T*>(p.k) + (start + n0) * p.k_st + h * p.k_sh, p.k_st,
-                             len - n0, p.vec);
-  load_tile<T, kRows, D, LD>(sV, static_cast<const T*>(p.v) + (start + n0) * p.v_st + h * p.v_sh, p.v_st,
-                             len - n0, p.vec);
+  load_tile<T, kRows, D, LD>(sK, static_cast<const T*>(p.k) + (start + n0) * p.k_st + h * p.k_sh,
+                             p.k_st, len - n0, p.vec);
+  load_tile<T, kRows, D, LD>(sV, static_cast<const T*>(p.v) + (start + n0) * p.v_st + h * p.v_sh,
+                             p.v_st, len - n0, p.vec);
   const T* q = static_cast<const T*>(p.q) + start * p.q_st + h * p.q_sh;
   const T* dout = static_cast<const T*>(p.dout) + start * rs + h * D;
 
   const int r0 = warp * 16;
   const int pos0 = n0 + r0 + g;  // key positions of this lane's two rows: pos0 and pos0 + 8
   float dk[ND][4], dv[ND][4];
-#pragma unroll
-  for (int i = 0; i < ND; ++i)
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  zero_frags(dk);
+  zero_frags(dv);
 
   for (int m0 = 0; m0 < len; m0 += BM) {
     __syncthreads();
@@ -456,54 +496,22 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
 
     // S^T = K Q^T and dP^T = V dO^T: rows = this warp's keys, columns = the tile's queries
     float st[NT][4], dpt[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-      st[i][0] = st[i][1] = st[i][2] = st[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t ak[4], av[4];
-      load_a<LD>(ak, sK, r0, kk * 16, lane);
-      load_a<LD>(av, sV, r0, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_rows<LD>(b0, b1, sQ, nt * 8, kk * 16, lane);
-        mma_m16n8k16<Tag>(st[nt], ak, b0);
-        mma_m16n8k16<Tag>(st[nt + 1], ak, b1);
-        load_b_rows<LD>(b0, b1, sdO, nt * 8, kk * 16, lane);
-        mma_m16n8k16<Tag>(dpt[nt], av, b0);
-        mma_m16n8k16<Tag>(dpt[nt + 1], av, b1);
-      }
-    }
+    zero_frags(st);
+    zero_frags(dpt);
+    mma_abt2<Tag, LD, D>(st, sK, sQ, dpt, sV, sdO, r0, lane);
     // P^T and dS^T = P^T (dP^T - delta); key rows past the end are zeroed (never stored anyway)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + 2 * t + (e & 1), j = pos0 + 8 * (e >> 1);
-        const float x = st[nt][e] * scale2 - slope2 * fabsf((float)(m0 + c - j)) - sLse2[c];
+        const float x = alibi_score2(st[nt][e], scale2, slope2, m0 + c, j) - sLse2[c];
         const float pv = j < len ? exp2f(x) : 0.f;
         st[nt][e] = pv;
         dpt[nt][e] = pv * (dpt[nt][e] - sDelta[c]);
       }
     }
-    // dV += P^T dO, dK += dS^T Q
-#pragma unroll
-    for (int kk = 0; kk < KM; ++kk) {
-      uint32_t ap[4], ads[4];
-      c_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
-      c_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-      for (int nd = 0; nd < ND; nd += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_cols<LD>(b0, b1, sdO, kk * 16, nd * 8, lane);
-        mma_m16n8k16<Tag>(dv[nd], ap, b0);
-        mma_m16n8k16<Tag>(dv[nd + 1], ap, b1);
-        load_b_cols<LD>(b0, b1, sQ, kk * 16, nd * 8, lane);
-        mma_m16n8k16<Tag>(dk[nd], ads, b0);
-        mma_m16n8k16<Tag>(dk[nd + 1], ads, b1);
-      }
-    }
+    mma_pb2<Tag, LD>(dv, st, sdO, dk, dpt, sQ, lane);  // dV += P^T dO, dK += dS^T Q
   }
 
   T* dkp = static_cast<T*>(p.dk);
@@ -513,12 +521,8 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
     const int j = pos0 + 8 * r;
     if (j >= len) continue;
     const int64_t off = ((start + j) * p.heads + h) * D;
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      const int c = nd * 8 + 2 * t;
-      st32(dkp + off + c, pack2<T>(dk[nd][2 * r] * p.scale, dk[nd][2 * r + 1] * p.scale));
-      st32(dvp + off + c, pack2<T>(dv[nd][2 * r], dv[nd][2 * r + 1]));
-    }
+    store_frag_row<T>(dkp + off, dk, r, t, p.scale);
+    store_frag_row<T>(dvp + off, dv, r, t, 1.f);  // x * 1.f is exact: folded away
   }
 }
 
@@ -539,26 +543,57 @@ inline void check_common(int dtype, int head_dim, int batch, int heads, int max_
                                 std::to_string(heads) + ", max_seqlen " + std::to_string(max_seqlen) + ")");
 }
 
-template <typename T, int D>
-void run_fwd(const Params& p, int max_seqlen, cudaStream_t stream) {
-  (void)stream;  // unused by the host emulation's FB_LAUNCH
-  const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
-  auto kern = flash_attn_fwd_kernel<T, D>;
-  FB_LAUNCH(kern, grid, dim3(kThreads), 0, stream, p);
-  check_launch("flash_attn_fwd_kernel");
+// Params shared by the forward and the backward: q, k, v with their strides, sizes, scale. The 16-byte
+// vector path needs every strided input aligned with strides a multiple of 8 elements (the contiguous
+// tensors are checked by the caller: `extra` is the one it reads through load_tile, or nullptr).
+inline Params make_params(const void* q, const void* k, const void* v, int64_t q_st, int64_t q_sh, int64_t k_st,
+                          int64_t k_sh, int64_t v_st, int64_t v_sh, const void* extra, const int32_t* cu_seqlens,
+                          const float* slopes, int batch, int heads, int64_t total, float scale) {
+  Params p{};
+  p.q = q, p.k = k, p.v = v;
+  p.q_st = q_st, p.q_sh = q_sh, p.k_st = k_st, p.k_sh = k_sh, p.v_st = v_st, p.v_sh = v_sh;
+  p.cu_seqlens = cu_seqlens, p.slopes = slopes;
+  p.batch = batch, p.heads = heads, p.total = total, p.scale = scale;
+  p.vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(extra) && q_st % 8 == 0 && q_sh % 8 == 0 &&
+          k_st % 8 == 0 && k_sh % 8 == 0 && v_st % 8 == 0 && v_sh % 8 == 0;
+  return p;
 }
 
-template <typename T, int D>
-void run_bwd(const Params& p, int max_seqlen, cudaStream_t stream) {
-  (void)stream;
-  const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
-  // dq first: it also writes delta, which dkdv reads (same stream, so ordered)
-  auto dq_kern = flash_attn_bwd_dq_kernel<T, D>;
-  FB_LAUNCH(dq_kern, grid, dim3(kThreads), 0, stream, p);
-  check_launch("flash_attn_bwd_dq_kernel");
-  auto dkdv_kern = flash_attn_bwd_dkdv_kernel<T, D>;
-  FB_LAUNCH(dkdv_kern, grid, dim3(kThreads), 0, stream, p);
-  check_launch("flash_attn_bwd_dkdv_kernel");
+struct Fwd {
+  template <typename T, int D>
+  static void run(const Params& p, int max_seqlen, cudaStream_t stream) {
+    (void)stream;  // unused by the host emulation's FB_LAUNCH
+    const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
+    auto kern = flash_attn_fwd_kernel<T, D>;
+    FB_LAUNCH(kern, grid, dim3(kThreads), 0, stream, p);
+    check_launch("flash_attn_fwd_kernel");
+  }
+};
+
+struct Bwd {
+  template <typename T, int D>
+  static void run(const Params& p, int max_seqlen, cudaStream_t stream) {
+    (void)stream;
+    const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
+    // dq first: it also writes delta, which dkdv reads (same stream, so ordered)
+    auto dq_kern = flash_attn_bwd_dq_kernel<T, D>;
+    FB_LAUNCH(dq_kern, grid, dim3(kThreads), 0, stream, p);
+    check_launch("flash_attn_bwd_dq_kernel");
+    auto dkdv_kern = flash_attn_bwd_dkdv_kernel<T, D>;
+    FB_LAUNCH(dkdv_kern, grid, dim3(kThreads), 0, stream, p);
+    check_launch("flash_attn_bwd_dkdv_kernel");
+  }
+};
+
+// Op::run<T, D> for the dtype code and head dim (both validated by check_common).
+template <typename Op>
+void dispatch(int dtype, int head_dim, const Params& p, int max_seqlen, cudaStream_t stream) {
+  const bool bf = dtype == kBF16;
+  switch (head_dim) {
+    case 32: bf ? Op::template run<__nv_bfloat16, 32>(p, max_seqlen, stream) : Op::template run<__half, 32>(p, max_seqlen, stream); break;
+    case 64: bf ? Op::template run<__nv_bfloat16, 64>(p, max_seqlen, stream) : Op::template run<__half, 64>(p, max_seqlen, stream); break;
+    default: bf ? Op::template run<__nv_bfloat16, 128>(p, max_seqlen, stream) : Op::template run<__half, 128>(p, max_seqlen, stream); break;
+  }
 }
 
 }  // namespace attn
@@ -573,21 +608,10 @@ void launch_flash_attn_fwd(int dtype, const void* q, const void* k, const void* 
                            int max_seqlen, float softmax_scale, cudaStream_t stream) {
   attn::check_common(dtype, head_dim, batch, heads, max_seqlen);
   if (batch == 0 || max_seqlen == 0 || total_tokens == 0) return;
-  attn::Params p{};
-  p.q = q, p.k = k, p.v = v;
-  p.q_st = q_stride_t, p.q_sh = q_stride_h, p.k_st = k_stride_t, p.k_sh = k_stride_h;
-  p.v_st = v_stride_t, p.v_sh = v_stride_h;
-  p.out = out, p.lse = lse, p.cu_seqlens = cu_seqlens, p.slopes = alibi_slopes;
-  p.batch = batch, p.heads = heads, p.total = total_tokens, p.scale = softmax_scale;
-  p.vec = attn::aligned16(q) && attn::aligned16(k) && attn::aligned16(v) && q_stride_t % 8 == 0 &&
-          q_stride_h % 8 == 0 && k_stride_t % 8 == 0 && k_stride_h % 8 == 0 && v_stride_t % 8 == 0 &&
-          v_stride_h % 8 == 0;
-  const bool bf = dtype == kBF16;
-  switch (head_dim) {
-    case 32: bf ? attn::run_fwd<__nv_bfloat16, 32>(p, max_seqlen, stream) : attn::run_fwd<__half, 32>(p, max_seqlen, stream); break;
-    case 64: bf ? attn::run_fwd<__nv_bfloat16, 64>(p, max_seqlen, stream) : attn::run_fwd<__half, 64>(p, max_seqlen, stream); break;
-    default: bf ? attn::run_fwd<__nv_bfloat16, 128>(p, max_seqlen, stream) : attn::run_fwd<__half, 128>(p, max_seqlen, stream); break;
-  }
+  attn::Params p = attn::make_params(q, k, v, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+                                     nullptr, cu_seqlens, alibi_slopes, batch, heads, total_tokens, softmax_scale);
+  p.out = out, p.lse = lse;
+  attn::dispatch<attn::Fwd>(dtype, head_dim, p, max_seqlen, stream);
 }
 
 // Backward. dout, out, dq, dk, dv: contiguous [T, H, D]; q, k, v strided as in the forward; lse: [H, T]
@@ -600,23 +624,11 @@ void launch_flash_attn_bwd(int dtype, const void* dout, const void* q, const voi
                            float softmax_scale, cudaStream_t stream) {
   attn::check_common(dtype, head_dim, batch, heads, max_seqlen);
   if (batch == 0 || max_seqlen == 0 || total_tokens == 0) return;
-  attn::Params p{};
-  p.q = q, p.k = k, p.v = v;
-  p.q_st = q_stride_t, p.q_sh = q_stride_h, p.k_st = k_stride_t, p.k_sh = k_stride_h;
-  p.v_st = v_stride_t, p.v_sh = v_stride_h;
+  attn::Params p = attn::make_params(q, k, v, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+                                     dout, cu_seqlens, alibi_slopes, batch, heads, total_tokens, softmax_scale);
   p.out = out, p.dout = dout, p.dq = dq, p.dk = dk, p.dv = dv;
   p.lse = const_cast<float*>(lse), p.delta = delta;
-  p.cu_seqlens = cu_seqlens, p.slopes = alibi_slopes;
-  p.batch = batch, p.heads = heads, p.total = total_tokens, p.scale = softmax_scale;
-  p.vec = attn::aligned16(q) && attn::aligned16(k) && attn::aligned16(v) && attn::aligned16(dout) &&
-          q_stride_t % 8 == 0 && q_stride_h % 8 == 0 && k_stride_t % 8 == 0 && k_stride_h % 8 == 0 &&
-          v_stride_t % 8 == 0 && v_stride_h % 8 == 0;
-  const bool bf = dtype == kBF16;
-  switch (head_dim) {
-    case 32: bf ? attn::run_bwd<__nv_bfloat16, 32>(p, max_seqlen, stream) : attn::run_bwd<__half, 32>(p, max_seqlen, stream); break;
-    case 64: bf ? attn::run_bwd<__nv_bfloat16, 64>(p, max_seqlen, stream) : attn::run_bwd<__half, 64>(p, max_seqlen, stream); break;
-    default: bf ? attn::run_bwd<__nv_bfloat16, 128>(p, max_seqlen, stream) : attn::run_bwd<__half, 128>(p, max_seqlen, stream); break;
-  }
+  attn::dispatch<attn::Bwd>(dtype, head_dim, p, max_seqlen, stream);
 }
 
 }  // namespace fb

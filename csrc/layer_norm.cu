@@ -7,6 +7,7 @@
 // is read once; that caps N at 16 * 1024 = 16384 (the launchers reject larger rows).
 // Weight and bias arrive as fp32 [N] (the callers convert these tiny vectors once).
 //
+// fastbert: cold: *fb::layer_norm_*_kernel<*, 1>*: VEC=1 fallback for rows not 16-byte multiples/aligned; BERT rows take the vector path
 // fastbert: spill-ok: only the scalar fallbacks (VEC = 1, rows whose length is not a multiple of 16 bytes,
 // e.g. N = 1023) spill 8 bytes on some arch/dtype: 16 independently addressed elements per thread under
 // the 64-register cap of 1024-thread blocks. BERT widths (multiples of 8) take the 128-bit path, which

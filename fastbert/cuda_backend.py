@@ -12,8 +12,7 @@ from typing import Optional
 
 import torch
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LN_MAX_N = 16384  # kLnMaxN in csrc/layer_norm.cu (also fastbert._C.layer_norm_max_n)
+from fastbert._cuda_common import unsupported  # noqa: F401 - the backend's unsupported(), shared with cuda_host
 
 
 def _C():
@@ -31,20 +30,6 @@ def why_not(device) -> Optional[str]:
         return "fastbert._C is built but no CUDA GPU is visible to torch"
     if torch.device(device).type != "cuda":
         return f"fastbert._C runs on CUDA tensors, got device {device}"
-    return None
-
-
-def unsupported(primitive: str, *args) -> Optional[str]:
-    """Why the CUDA kernels cannot run these inputs (None: they can)."""
-    if primitive in ("index_gather_fwd", "index_scatter_fwd"):
-        return None  # rows are copied as bytes: any dtype
-    if primitive.startswith("flash_attn"):
-        return _attn_unsupported(primitive, *args)
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dtype not in _KERNEL_DTYPES:
-        return f"the CUDA kernels support fp32/bf16/fp16 for {primitive}, got {x.dtype}"
-    if primitive.startswith("layer_norm") and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > _LN_MAX_N:
-        return f"the CUDA LayerNorm keeps a row in registers: N <= {_LN_MAX_N}, got {x.shape[1]}"
     return None
 
 
@@ -93,21 +78,6 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
 
 
 # ---- attention (csrc/flash_attn.cu: tensor-core mma.sync, bf16/fp16 only) ---------------------------
-_ATTN_DTYPES = (torch.float16, torch.bfloat16)
-_ATTN_HEAD_DIMS = (32, 64, 128)
-
-
-def _attn_unsupported(primitive, *args) -> Optional[str]:
-    q = args[1] if primitive == "flash_attn_bwd" else args[0]
-    if isinstance(q, torch.Tensor):
-        if q.dtype not in _ATTN_DTYPES:
-            return (f"the CUDA attention kernels run float16 and bfloat16 on tensor cores, got q.dtype {q.dtype} "
-                    f"(cast q, k, v to bf16/fp16 or use the torch/triton backend)")
-        if q.dim() == 3 and q.shape[-1] not in _ATTN_HEAD_DIMS:
-            return f"the CUDA attention kernels support head dim {_ATTN_HEAD_DIMS}, got {q.shape[-1]}"
-    return None
-
-
 def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
     return tuple(_C().flash_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), alibi_slopes,
                                      None if softmax_scale is None else float(softmax_scale)))

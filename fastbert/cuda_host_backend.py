@@ -32,12 +32,12 @@ from typing import Optional
 
 import torch
 
+from fastbert._cuda_common import unsupported  # noqa: F401 - the backend's unsupported(), shared with cuda
 from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss
 
 CXX_FLAGS = ["-O2", "-std=c++17", "-pthread", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall",
              "-Wno-unknown-pragmas"]
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # fb::DType in csrc/common.cuh
-_LN_MAX_N = 16384  # kLnMaxN in csrc/layer_norm.cu (a test checks the two agree)
 
 _c_p = ctypes.c_void_p
 _c_i = ctypes.c_int
@@ -221,26 +221,6 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# what the kernels cannot run
-# ------------------------------------------------------------------------------------------------
-def unsupported(primitive: str, *args) -> Optional[str]:
-    """Why these inputs cannot run on the CUDA kernels (None: they can)."""
-    first = args[0] if args else None
-    if primitive in ("index_gather_fwd", "index_scatter_fwd"):
-        return None  # rows are copied as bytes: any dtype
-    if primitive.startswith("flash_attn"):
-        return _attn_unsupported(primitive, *args)
-    x = first
-    if primitive == "sparse_mlm_loss_fwd":
-        x = args[0]
-    if isinstance(x, torch.Tensor) and x.dtype not in _DTYPE_CODE:
-        return f"the CUDA kernels support fp32/bf16/fp16 for {primitive}, got {x.dtype}"
-    if primitive.startswith("layer_norm") and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > _LN_MAX_N:
-        return f"the CUDA LayerNorm keeps a row in registers: N <= {_LN_MAX_N}, got {x.shape[1]}"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
 # primitives (signatures: fastbert/reference.py)
 # ------------------------------------------------------------------------------------------------
 def index_gather_fwd(x, indices):
@@ -271,18 +251,24 @@ def bias_gelu_fwd(x, bias, approximate):
     return y
 
 
-def bias_gelu_bwd(dy, x, bias, approximate):
-    M, N = x.shape
+def _activation_bwd(entry, dy, x, bias, approximate, N):
+    """bias-GELU / GeGLU backward: ``dx`` like ``x [M, W]`` and, with a bias, ``dbias [W]`` reduced from
+    per-block fp32 partial sums over all ``W`` columns. ``N``: the kernel's output width (``W`` for
+    bias-GELU, ``W // 2`` for GeGLU)."""
+    M, W = x.shape
     dx = torch.empty_like(x)
-    lib = load()
     part = db32 = None
     if bias is not None:
-        part = torch.empty(lib.fbh_pointwise_partials(M) * N, dtype=torch.float32)
-        db32 = torch.empty(N, dtype=torch.float32)
+        part = torch.empty(load().fbh_pointwise_partials(M) * W, dtype=torch.float32)
+        db32 = torch.empty(W, dtype=torch.float32)
     dyc, b32 = dy.contiguous(), _f32(bias)
-    _call("fbh_bias_gelu_bwd", _DTYPE_CODE[x.dtype], _p(dyc), _p(x), _p(b32), _p(dx), _p(part),
+    _call(entry, _DTYPE_CODE[x.dtype], _p(dyc), _p(x), _p(b32), _p(dx), _p(part),
           _p(db32), M, N, int(approximate == "tanh"))
     return dx, (db32.to(bias.dtype) if bias is not None else None)
+
+
+def bias_gelu_bwd(dy, x, bias, approximate):
+    return _activation_bwd("fbh_bias_gelu_bwd", dy, x, bias, approximate, x.shape[1])
 
 
 def geglu_fwd(x, bias, approximate):
@@ -295,18 +281,7 @@ def geglu_fwd(x, bias, approximate):
 
 
 def geglu_bwd(dy, x, bias, approximate):
-    M, N2 = x.shape
-    N = N2 // 2
-    dx = torch.empty_like(x)
-    lib = load()
-    part = db32 = None
-    if bias is not None:
-        part = torch.empty(lib.fbh_pointwise_partials(M) * N2, dtype=torch.float32)
-        db32 = torch.empty(N2, dtype=torch.float32)
-    dyc, b32 = dy.contiguous(), _f32(bias)
-    _call("fbh_geglu_bwd", _DTYPE_CODE[x.dtype], _p(dyc), _p(x), _p(b32), _p(dx), _p(part),
-          _p(db32), M, N, int(approximate == "tanh"))
-    return dx, (db32.to(bias.dtype) if bias is not None else None)
+    return _activation_bwd("fbh_geglu_bwd", dy, x, bias, approximate, x.shape[1] // 2)
 
 
 def layer_norm_fwd(x, weight, bias, residual, eps):
@@ -362,21 +337,6 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
 
 
 # ---- attention (csrc/flash_attn.cu) ----------------------------------------------------------------
-_ATTN_DTYPES = (torch.float16, torch.bfloat16)
-_ATTN_HEAD_DIMS = (32, 64, 128)
-
-
-def _attn_unsupported(primitive, *args) -> Optional[str]:
-    q = args[1] if primitive == "flash_attn_bwd" else args[0]
-    if isinstance(q, torch.Tensor):
-        if q.dtype not in _ATTN_DTYPES:
-            return (f"the CUDA attention kernels run float16 and bfloat16 on tensor cores, got q.dtype {q.dtype} "
-                    f"(cast q, k, v to bf16/fp16 or use the torch/triton backend)")
-        if q.dim() == 3 and q.shape[-1] not in _ATTN_HEAD_DIMS:
-            return f"the CUDA attention kernels support head dim {_ATTN_HEAD_DIMS}, got {q.shape[-1]}"
-    return None
-
-
 def _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale):
     T, H, D = q.shape
     B = cu_seqlens.shape[0] - 1

@@ -7,7 +7,8 @@ final rounding, plus a tiny absolute floor so exact results (zero error) do not 
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -60,6 +61,48 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in fp64."""
     r = ref.double()
     return ((out.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def double_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t.double()``, passing None through (optional arguments of the fp64 reference call)."""
+    return None if t is None else t.double()
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Inside the block every ``torch.empty`` / ``torch.empty_like`` returns a poisoned tensor
+    (NaN for floats, -12345 for integers, see :func:`poison_`).
+
+    Wrap a primitive call in it so every output buffer and workspace the primitive allocates starts
+    poisoned: an element the kernel forgets to write then fails the comparison instead of passing on
+    whatever the allocator happened to hand back. Patches the ``torch`` module attributes (what a
+    primitive written as ``torch.empty(...)`` looks up at call time) and restores them on exit.
+    """
+    empty, empty_like = torch.empty, torch.empty_like
+    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def count_calls(monkeypatch, module, *names: str) -> Dict[str, int]:
+    """Wrap ``module.<name>`` for each name so calls are counted; returns the live ``{name: count}`` dict.
+
+    ``monkeypatch`` is pytest's fixture (it undoes the wrapping after the test). Used to check that an
+    op really dispatched to a backend's primitives: the ops layer looks them up on the module at call
+    time, so the wrapper sees every call.
+    """
+    calls = {n: 0 for n in names}
+    for n in names:
+        real = getattr(module, n)
+
+        def wrapper(*a, _real=real, _n=n, **k):
+            calls[_n] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(module, n, wrapper)
+    return calls
 
 
 def enable_triton_interpreter_if_no_gpu() -> bool:

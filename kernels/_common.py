@@ -153,6 +153,56 @@ def check_float(name: str, t: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
+def unsupported_unless_float(primitive: str, *args) -> Optional[str]:
+    """``unsupported`` of the elementwise modules (bias-GELU, GeGLU): every tensor argument must be
+    fp32/bf16/fp16; the reason names the first that is not."""
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            reason = check_float("x/dy/bias", t)
+            if reason:
+                return reason
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers shared by the elementwise activation kernels (bias-GELU, GeGLU)
+# ----------------------------------------------------------------------------------------------
+# Both kernel pairs take the same arguments, so one launcher each serves both: forward
+# ``kernel(X, BIAS, Y, M, N, HAS_BIAS, APPROX_TANH, BLOCK_M, BLOCK_N)`` over 2-D [BLOCK_M, BLOCK_N] tiles
+# of the N output columns, backward ``kernel(DY, X, BIAS, DX, DB_PART, M, N, blocks_per_strip, ...)`` with
+# one program per (row strip, column tile) writing one fp32 partial row of dbias per strip.
+def launch_tiles_fwd(kernel, x, bias, y, N: int, approx_tanh: bool):
+    """Run a forward tile kernel over ``x [M, *]`` into the preallocated ``y [M, N]``; returns ``y``."""
+    if y.numel() == 0:
+        return y
+    M = x.shape[0]
+    cfg = tile_config(N)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
+    kernel[grid](x, bias, y, M, N, HAS_BIAS=bias is not None, APPROX_TANH=approx_tanh,
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    return y
+
+
+def launch_strips_bwd(kernel, dy, x, bias, dx, N: int, approx_tanh: bool):
+    """Run a backward strip kernel over ``x [M, W]`` (``W`` = N, or 2N for GeGLU) into the preallocated
+    ``dx`` like x. Returns ``(dx, dbias [W] bias.dtype or None)``: dbias is the sum of the ``[strips, W]``
+    fp32 partial rows (deterministic, no atomics)."""
+    M, W = x.shape
+    if x.numel() == 0:
+        return dx, (torch.zeros_like(bias) if bias is not None else None)
+    cfg = tile_config(N)
+    col_tiles = cdiv(N, cfg["BLOCK_N"])
+    row_blocks = cdiv(M, cfg["BLOCK_M"])
+    strips = num_strips(x.device, row_blocks, col_tiles)
+    per_strip = cdiv(row_blocks, strips)
+    strips = cdiv(row_blocks, per_strip)  # with per_strip rounded up, fewer strips may cover every row block
+    db_part = torch.empty((strips, W), device=x.device, dtype=torch.float32) if bias is not None else None
+    kernel[(strips, col_tiles)](dy, x, bias, dx, db_part, M, N, per_strip,
+                                HAS_BIAS=bias is not None, APPROX_TANH=approx_tanh,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    return dx, (db_part.sum(0).to(bias.dtype) if bias is not None else None)
+
+
 def divisible_attrs(kernel, names) -> dict:
     """``ASTSource`` attrs saying the named pointer/int args are multiples of 16, as the JIT launcher
     specialises them at run time (torch allocations are 16-byte aligned; hidden sizes are multiples of
@@ -180,4 +230,5 @@ def cdiv(a: int, b: int) -> int:
 
 __all__ = ["FLOAT_DTYPES", "MAX_ROW", "gelu", "gelu_grad", "gelu_and_grad",
            "approx_flag", "ROW_TABLE", "row_config", "tile_config", "num_strips",
-           "check_float", "spec", "divisible_attrs", "cdiv"]
+           "check_float", "unsupported_unless_float", "launch_tiles_fwd", "launch_strips_bwd",
+           "spec", "divisible_attrs", "cdiv"]

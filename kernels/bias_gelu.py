@@ -12,13 +12,12 @@ column tile, keeping an fp32 running sum in registers, then writes one partial r
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import approx_flag, cdiv, check_float, gelu, gelu_grad, num_strips, spec, tile_config
+from ._common import approx_flag, gelu, gelu_grad, launch_strips_bwd, launch_tiles_fwd, spec, tile_config
+from ._common import unsupported_unless_float as unsupported  # noqa: F401 - the backend's hook
 
 
 @triton.jit
@@ -61,50 +60,17 @@ def _bias_gelu_bwd_kernel(DY, X, BIAS, DX, DB_PART, M, N, blocks_per_strip,
         tl.store(DB_PART + strip * N + cols, tl.sum(db_acc, axis=0), mask=cmask)
 
 
-def unsupported(primitive: str, *args) -> Optional[str]:
-    """Why these inputs cannot run on the Triton kernels (a dtype other than fp32/bf16/fp16)."""
-    for t in args:
-        if isinstance(t, torch.Tensor):
-            reason = check_float("x/dy/bias", t)
-            if reason:
-                return reason
-    return None
-
-
 def bias_gelu_fwd(x, bias, approximate):
     """x ``[M, N]`` bf16/fp16/fp32, bias ``[N]`` or None -> ``gelu(x + bias)`` ``[M, N]`` x.dtype, fp32 math."""
     tanh = approx_flag(approximate)
-    M, N = x.shape
-    y = torch.empty_like(x)
-    if y.numel() == 0:
-        return y
-    cfg = tile_config(N)
-    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-    _bias_gelu_fwd_kernel[grid](x, bias, y, M, N, HAS_BIAS=bias is not None, APPROX_TANH=tanh,
-                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
-    return y
+    return launch_tiles_fwd(_bias_gelu_fwd_kernel, x, bias, torch.empty_like(x), x.shape[1], tanh)
 
 
 def bias_gelu_bwd(dy, x, bias, approximate):
     """dy, x ``[M, N]``, bias ``[N]`` or None -> ``(dx [M, N] x.dtype, dbias [N] bias.dtype or None)``;
     the pre-activation ``x + bias`` is recomputed."""
     tanh = approx_flag(approximate)
-    M, N = x.shape
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        return dx, (torch.zeros_like(bias) if bias is not None else None)
-    cfg = tile_config(N)
-    col_tiles = cdiv(N, cfg["BLOCK_N"])
-    row_blocks = cdiv(M, cfg["BLOCK_M"])
-    strips = num_strips(x.device, row_blocks, col_tiles)
-    per_strip = cdiv(row_blocks, strips)
-    strips = cdiv(row_blocks, per_strip)
-    db_part = torch.empty((strips, N), device=x.device, dtype=torch.float32) if bias is not None else None
-    _bias_gelu_bwd_kernel[(strips, col_tiles)](dy, x, bias, dx, db_part, M, N, per_strip,
-                                               HAS_BIAS=bias is not None, APPROX_TANH=tanh,
-                                               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                               num_warps=cfg["num_warps"])
-    return dx, (db_part.sum(0).to(bias.dtype) if bias is not None else None)
+    return launch_strips_bwd(_bias_gelu_bwd_kernel, dy, x, bias, torch.empty_like(x), x.shape[1], tanh)
 
 
 def compile_specs():

@@ -14,13 +14,12 @@ dbias uses the same strip scheme as the other reducing backwards: one fp32 parti
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import approx_flag, cdiv, check_float, gelu, gelu_and_grad, num_strips, spec, tile_config
+from ._common import approx_flag, gelu, gelu_and_grad, launch_strips_bwd, launch_tiles_fwd, spec, tile_config
+from ._common import unsupported_unless_float as unsupported  # noqa: F401 - the backend's hook
 
 
 @triton.jit
@@ -77,16 +76,6 @@ def _geglu_bwd_kernel(DY, X, BIAS, DX, DB_PART, M, N, blocks_per_strip,
         tl.store(DB_PART + strip * (2 * N) + N + cols, tl.sum(dbg_acc, axis=0), mask=cmask)
 
 
-def unsupported(primitive: str, *args) -> Optional[str]:
-    """Why these inputs cannot run on the Triton kernels (a dtype other than fp32/bf16/fp16)."""
-    for t in args:
-        if isinstance(t, torch.Tensor):
-            reason = check_float("x/dy/bias", t)
-            if reason:
-                return reason
-    return None
-
-
 def _halves(x) -> int:
     if x.shape[1] % 2:
         raise ValueError(f"x: GeGLU needs an even last dim (two halves), got shape {tuple(x.shape)}")
@@ -98,34 +87,14 @@ def geglu_fwd(x, bias, approximate):
     tanh = approx_flag(approximate)
     M, N = x.shape[0], _halves(x)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if y.numel() == 0:
-        return y
-    cfg = tile_config(N)
-    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-    _geglu_fwd_kernel[grid](x, bias, y, M, N, HAS_BIAS=bias is not None, APPROX_TANH=tanh,
-                            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
-    return y
+    return launch_tiles_fwd(_geglu_fwd_kernel, x, bias, y, N, tanh)
 
 
 def geglu_bwd(dy, x, bias, approximate):
     """dy ``[M, N]``, x ``[M, 2N]``, bias ``[2N]`` or None -> ``(dx [M, 2N] x.dtype, dbias [2N] or None)``."""
     tanh = approx_flag(approximate)
-    M, N = x.shape[0], _halves(x)
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        return dx, (torch.zeros_like(bias) if bias is not None else None)
-    cfg = tile_config(N)
-    col_tiles = cdiv(N, cfg["BLOCK_N"])
-    row_blocks = cdiv(M, cfg["BLOCK_M"])
-    strips = num_strips(x.device, row_blocks, col_tiles)
-    per_strip = cdiv(row_blocks, strips)
-    strips = cdiv(row_blocks, per_strip)
-    db_part = torch.empty((strips, 2 * N), device=x.device, dtype=torch.float32) if bias is not None else None
-    _geglu_bwd_kernel[(strips, col_tiles)](dy, x, bias, dx, db_part, M, N, per_strip,
-                                           HAS_BIAS=bias is not None, APPROX_TANH=tanh,
-                                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                           num_warps=cfg["num_warps"])
-    return dx, (db_part.sum(0).to(bias.dtype) if bias is not None else None)
+    N = _halves(x)
+    return launch_strips_bwd(_geglu_bwd_kernel, dy, x, bias, torch.empty_like(x), N, tanh)
 
 
 def compile_specs():

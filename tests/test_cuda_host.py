@@ -6,14 +6,15 @@ thread order, poisoned shared memory) to surface races.
 
 The first test to run builds the library with g++ (~10-20 s, cached by source hash).
 """
-import contextlib
+import functools
 import shutil
 
 import pytest
 import torch
 
 from fastbert import reference as R
-from fastbert.testing import assert_close, poison_
+from fastbert._cuda_common import LN_MAX_N
+from fastbert.testing import assert_close, double_or_none as _d, poisoned_allocations
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
 
@@ -26,22 +27,6 @@ def _built():
     H.load()
     if H.build_seconds() is not None:
         print(f"cuda_host: g++ build took {H.build_seconds():.1f}s")
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty / empty_like inside the block returns a NaN-filled (or -12345) tensor."""
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 def _check_grads(got, ref, peer, names, factor=3):
@@ -131,7 +116,7 @@ def test_layer_norm_many_partials():
 
 
 def test_layer_norm_limits_agree():
-    assert H.load().fbh_layer_norm_max_n() == H._LN_MAX_N
+    assert H.load().fbh_layer_norm_max_n() == LN_MAX_N
     assert "16384" in H.unsupported("layer_norm_fwd", torch.randn(1, 16385), None, None, None, 1e-5)
     assert H.unsupported("layer_norm_fwd", torch.randn(1, 16384), None, None, None, 1e-5) is None
     assert "float64" in H.unsupported("layer_norm_fwd", torch.randn(2, 8, dtype=torch.float64), None, None, None, 1e-5)
@@ -156,41 +141,27 @@ def _act_inputs(M, N, dtype, has_bias, width):
     return x, bias, dy
 
 
-def _run_bias_gelu(M, N, dtype, has_bias, approximate, B=None):
+def _run_activation(op, M, N, dtype, has_bias, approximate, B=None):
+    """op "bias_gelu" (x ``[M, N]``) or "geglu" (x ``[M, 2N]``): forward and backward vs the reference."""
     B = B or H
-    x, bias, dy = _act_inputs(M, N, dtype, has_bias, 1)
+    x, bias, dy = _act_inputs(M, N, dtype, has_bias, 2 if op == "geglu" else 1)
+    fwd, bwd = getattr(B, f"{op}_fwd"), getattr(B, f"{op}_bwd")
+    ref_fwd, ref_bwd = getattr(R, f"{op}_fwd"), getattr(R, f"{op}_bwd")
     with poisoned_allocations():
-        y = B.bias_gelu_fwd(x, bias, approximate)
-    assert_close(y, R.bias_gelu_fwd(_d(x), _d(bias), approximate), peer=R.bias_gelu_fwd(x, bias, approximate), name="y")
-    with poisoned_allocations():
-        got = B.bias_gelu_bwd(dy, x, bias, approximate)
-    ref = R.bias_gelu_bwd(_d(dy), _d(x), _d(bias), approximate)
-    peer = R.bias_gelu_bwd(dy, x, bias, approximate)
-    _check_grads(got, ref, peer, ("dx", "dbias"))
-
-
-def _run_geglu(M, N, dtype, has_bias, approximate, B=None):
-    B = B or H
-    x, bias, dy = _act_inputs(M, N, dtype, has_bias, 2)
-    with poisoned_allocations():
-        y = B.geglu_fwd(x, bias, approximate)
+        y = fwd(x, bias, approximate)
     assert y.shape == (M, N)
-    assert_close(y, R.geglu_fwd(_d(x), _d(bias), approximate), peer=R.geglu_fwd(x, bias, approximate), name="y")
+    assert_close(y, ref_fwd(_d(x), _d(bias), approximate), peer=ref_fwd(x, bias, approximate), name="y")
     with poisoned_allocations():
-        got = B.geglu_bwd(dy, x, bias, approximate)
-    ref = R.geglu_bwd(_d(dy), _d(x), _d(bias), approximate)
-    peer = R.geglu_bwd(dy, x, bias, approximate)
+        got = bwd(dy, x, bias, approximate)
+    ref = ref_bwd(_d(dy), _d(x), _d(bias), approximate)
+    peer = ref_bwd(dy, x, bias, approximate)
     _check_grads(got, ref, peer, ("dx", "dbias"))
 
 
+@pytest.mark.parametrize("op", ["bias_gelu", "geglu"])
 @pytest.mark.parametrize("M,N,dtype,has_bias,approximate", ACT_CASES)
-def test_bias_gelu(M, N, dtype, has_bias, approximate):
-    _run_bias_gelu(M, N, dtype, has_bias, approximate)
-
-
-@pytest.mark.parametrize("M,N,dtype,has_bias,approximate", ACT_CASES)
-def test_geglu(M, N, dtype, has_bias, approximate):
-    _run_geglu(M, N, dtype, has_bias, approximate)
+def test_activation(op, M, N, dtype, has_bias, approximate):
+    _run_activation(op, M, N, dtype, has_bias, approximate)
 
 
 def test_pointwise_empty_batch():
@@ -304,8 +275,8 @@ def test_debug_mode_subset():
     with H.debug_mode(seed=7, workers=2):
         _run_layer_norm(7, 1000, torch.bfloat16, True, "same")  # 2 rows x 64 threads, partial combine in smem
         _run_layer_norm(3, 2500, torch.float32, False, "same")  # 256 threads per row: smem reduction
-        test_bias_gelu(33, 130, torch.float32, True, "none")
-        test_geglu(70, 256, torch.bfloat16, True, "tanh")
+        _run_activation("bias_gelu", 33, 130, torch.float32, True, "none")
+        _run_activation("geglu", 70, 256, torch.bfloat16, True, "tanh")
         test_cross_entropy_rows(97, torch.float32)
 
 
@@ -410,7 +381,8 @@ def test_cuda_backend_on_gpu(kind, args):
     reason = C.why_not("cuda")
     if reason:
         pytest.skip(reason)
-    run = {"layer_norm": _run_layer_norm, "bias_gelu": _run_bias_gelu, "geglu": _run_geglu,
+    run = {"layer_norm": _run_layer_norm, "bias_gelu": functools.partial(_run_activation, "bias_gelu"),
+           "geglu": functools.partial(_run_activation, "geglu"),
            "padding": _run_index_gather_scatter, "ce_rows": _run_cross_entropy_rows,
            "mlm": _run_sparse_mlm_loss}[kind]
     with torch.device("cuda"):

@@ -9,7 +9,6 @@ the reference run in the same low dtype as the peer, factor 2 forward / 3 gradie
 
 Emulated 128-thread blocks are slow (three warp barriers per mma), so shapes stay tiny.
 """
-import contextlib
 import math
 import shutil
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from fastbert import reference as R
-from fastbert.testing import assert_close, poison_
+from fastbert.testing import assert_close, poisoned_allocations
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
 
@@ -27,19 +26,6 @@ CH = pytest.importorskip("fastbert.cuda_host_backend")
 @pytest.fixture(scope="module", autouse=True)
 def _built():
     CH.load()
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like return NaN-filled tensors inside the block (the primitive's outputs and
-    its delta workspace), so an element the kernels never write fails the test."""
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def _inputs(seqlens, H, D, dtype, layout="fused"):

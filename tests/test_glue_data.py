@@ -105,51 +105,34 @@ def test_missing_file(tmp_path):
         gd.load_task("rte", tmp_path)
 
 
-def test_empty_file(tmp_path):
-    p = _write(tmp_path / "train.tsv", "")
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}: empty file"):
-        gd.read_split(gd.TASKS["sst2"], p)
+_STSB_HEAD = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+_STSB_ROW = "0\tg\tf\ty\t0\tn\tn\ta\tb\t{}\n"
+
+# A bad file's error names the file and, for a bad header or row, its line: (task, file text, the error
+# after "<path>").
+BAD_FILES = {
+    "empty": ("sst2", "", r": empty file"),
+    "header_only": ("sst2", "sentence\tlabel\n", r": no examples"),
+    "wrong_columns": ("sst2", "text\tlabel\nhello\t1\n", r":1: header lacks column\(s\) \['sentence'\]"),
+    "extra_column": ("sst2", "sentence\tlabel\ngood\t1\nbad\t0\textra\n",
+                     r":3: expected 2 tab-separated columns, found 3"),
+    "missing_column_no_header": ("cola", "src\t1\t\tok\nsrc\t1\tonly three\n",  # CoLA has no header
+                                 r":2: expected 4 tab-separated columns, found 3"),
+    "rte_label": ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tneutral\n",
+                  r":3: label 'neutral' not in the rte label set"),
+    "sst2_label": ("sst2", "sentence\tlabel\nfine\t2\n", r":2: label '2' not in the sst2 label set"),
+    "stsb_score_not_number": ("stsb", _STSB_HEAD + _STSB_ROW.format("3.2") + _STSB_ROW.format("high"),
+                              r":3: score 'high' is not a number"),
+    "stsb_score_range": ("stsb", _STSB_HEAD + _STSB_ROW.format("7.5"), r":2: score 7.5 outside \[0, 5\]"),
+}
 
 
-def test_header_only(tmp_path):
-    p = _write(tmp_path / "train.tsv", "sentence\tlabel\n")
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}: no examples"):
-        gd.read_split(gd.TASKS["sst2"], p)
-
-
-def test_wrong_columns(tmp_path):
-    p = _write(tmp_path / "train.tsv", "text\tlabel\nhello\t1\n")
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:1: header lacks column\(s\) \['sentence'\]"):
-        gd.read_split(gd.TASKS["sst2"], p)
-
-
-def test_wrong_column_count_names_line(tmp_path):
-    p = _write(tmp_path / "train.tsv", "sentence\tlabel\ngood\t1\nbad\t0\textra\n")
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:3: expected 2 tab-separated columns, found 3"):
-        gd.read_split(gd.TASKS["sst2"], p)
-    p = _write(tmp_path / "cola.tsv", "src\t1\t\tok\nsrc\t1\tonly three\n")  # CoLA has no header
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:2: expected 4 tab-separated columns, found 3"):
-        gd.read_split(gd.TASKS["cola"], p)
-
-
-def test_label_outside_set_names_line(tmp_path):
-    p = _write(tmp_path / "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tneutral\n")
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:3: label 'neutral' not in the rte label set"):
-        gd.read_split(gd.TASKS["rte"], p)
-    p = _write(tmp_path / "sst.tsv", "sentence\tlabel\nfine\t2\n")
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:2: label '2' not in the sst2 label set"):
-        gd.read_split(gd.TASKS["sst2"], p)
-
-
-def test_bad_stsb_score(tmp_path):
-    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-    row = "0\tg\tf\ty\t0\tn\tn\ta\tb\t{}\n"
-    p = _write(tmp_path / "a.tsv", head + row.format("3.2") + row.format("high"))
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:3: score 'high' is not a number"):
-        gd.read_split(gd.TASKS["stsb"], p)
-    p = _write(tmp_path / "b.tsv", head + row.format("7.5"))
-    with pytest.raises(gd.GlueDataError, match=rf"{re.escape(str(p))}:2: score 7.5 outside \[0, 5\]"):
-        gd.read_split(gd.TASKS["stsb"], p)
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_error_names_file_and_line(tmp_path, case):
+    task, text, error = BAD_FILES[case]
+    p = _write(tmp_path / "train.tsv", text)
+    with pytest.raises(gd.GlueDataError, match=re.escape(str(p)) + error):
+        gd.read_split(gd.TASKS[task], p)
 
 
 def test_bom_and_crlf(tmp_path):

@@ -1,7 +1,6 @@
 """Triton bias-GELU and GeGLU (kernels/bias_gelu.py, kernels/geglu.py) against the reference, under the
 interpreter on CPU: forward and backward, erf and tanh GELU, with and without the fused bias, outputs
 NaN-poisoned, tolerance per fastbert.testing (peer: the reference in the same dtype)."""
-import contextlib
 import os
 
 import torch
@@ -15,38 +14,9 @@ import torch.nn.functional as F  # noqa: E402
 import fastbert.kernels.bias_gelu as BG  # noqa: E402
 import fastbert.kernels.geglu as GG  # noqa: E402
 from fastbert import reference as R  # noqa: E402
-from fastbert.testing import assert_close, poison_  # noqa: E402
+from fastbert.testing import assert_close, count_calls, double_or_none as _d, poisoned_allocations  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty / empty_like inside the block returns a NaN-filled tensor."""
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def _spy(monkeypatch, mod, *names):
-    """Count calls of a kernel module's primitives (the ops layer looks them up at call time)."""
-    calls = {n: 0 for n in names}
-    for n in names:
-        real = getattr(mod, n)
-
-        def wrapper(*a, _real=real, _n=n, **k):
-            calls[_n] += 1
-            return _real(*a, **k)
-        monkeypatch.setattr(mod, n, wrapper)
-    return calls
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 # (M, N, dtype, approximate, bias): odd row counts, hidden sizes incl. non-powers of two, and
@@ -145,8 +115,8 @@ def test_activations_through_ops_backend(monkeypatch):
     import fastbert
     from fastbert.ops import bias_gelu, geglu
 
-    bg_calls = _spy(monkeypatch, BG, "bias_gelu_fwd", "bias_gelu_bwd")
-    gg_calls = _spy(monkeypatch, GG, "geglu_fwd", "geglu_bwd")
+    bg_calls = count_calls(monkeypatch, BG, "bias_gelu_fwd", "bias_gelu_bwd")
+    gg_calls = count_calls(monkeypatch, GG, "geglu_fwd", "geglu_bwd")
     x = torch.randn(2, 3, 64, device=DEV, requires_grad=True)
     b = torch.randn(64, device=DEV, requires_grad=True)
     for op, ref_op, n_out in ((bias_gelu, R.bias_gelu, 64), (geglu, R.geglu, 32)):

@@ -4,7 +4,6 @@ Every output buffer the primitive allocates is NaN-poisoned (torch.empty/empty_l
 the call), so a row or partial-sum strip the kernel forgets to write fails the check. Tolerance: the
 rule of fastbert.testing (2x / 3x the reference's own error in the same dtype against fp64).
 """
-import contextlib
 import os
 
 import torch
@@ -16,38 +15,9 @@ import pytest  # noqa: E402
 
 import fastbert.kernels.layer_norm as K  # noqa: E402
 from fastbert import reference as R  # noqa: E402
-from fastbert.testing import assert_close, poison_  # noqa: E402
+from fastbert.testing import assert_close, count_calls, double_or_none as _d, poisoned_allocations  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty / empty_like inside the block returns a NaN-filled (or -12345) tensor."""
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def _spy(monkeypatch, mod, *names):
-    """Count calls of a kernel module's primitives (the ops layer looks them up at call time)."""
-    calls = {n: 0 for n in names}
-    for n in names:
-        real = getattr(mod, n)
-
-        def wrapper(*a, _real=real, _n=n, **k):
-            calls[_n] += 1
-            return _real(*a, **k)
-        monkeypatch.setattr(mod, n, wrapper)
-    return calls
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 def _params(N, dtype, affine):
@@ -169,7 +139,7 @@ def test_layer_norm_through_ops_backend(monkeypatch):
     import fastbert
     from fastbert.ops import layer_norm
 
-    calls = _spy(monkeypatch, K, "layer_norm_fwd", "layer_norm_bwd")
+    calls = count_calls(monkeypatch, K, "layer_norm_fwd", "layer_norm_bwd")
     M, N = 6, 96
     x = torch.randn(2, 3, N, device=DEV, requires_grad=True)
     res = torch.randn(2, 3, N, device=DEV, requires_grad=True)

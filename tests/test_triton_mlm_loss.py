@@ -5,7 +5,6 @@ Loss and all three gradients are checked against the fp64 reference with the ref
 dtype as the peer; chunk sizes that do and do not divide the labelled rows; all-ignored labels; labels
 at V-1; the row kernel alone on extreme logits.
 """
-import contextlib
 import os
 
 import torch
@@ -19,25 +18,9 @@ import torch.nn.functional as F  # noqa: E402
 import fastbert.kernels.mlm_loss as K  # noqa: E402
 from fastbert import reference as R  # noqa: E402
 from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss, default_chunk_rows  # noqa: E402
-from fastbert.testing import assert_close, poison_  # noqa: E402
+from fastbert.testing import assert_close, double_or_none as _d, poisoned_allocations  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty / empty_like inside the block returns a NaN-filled (or -12345) tensor."""
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 def _problem(T, H, V, dtype, bias, frac_labelled=0.3, ignore_index=-100):

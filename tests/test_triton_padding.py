@@ -3,7 +3,6 @@
 Copies are exact, so the check is equality; outputs are NaN-poisoned so unwritten rows (including the
 zero rows of the scatter) show up.
 """
-import contextlib
 import os
 
 import torch
@@ -15,34 +14,9 @@ import pytest  # noqa: E402
 
 import fastbert.kernels.padding as K  # noqa: E402
 from fastbert import reference as R  # noqa: E402
-from fastbert.testing import poison_  # noqa: E402
+from fastbert.testing import count_calls, poisoned_allocations  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty / empty_like inside the block returns a NaN-filled (or -12345) tensor."""
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: poison_(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison_(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def _spy(monkeypatch, mod, *names):
-    """Count calls of a kernel module's primitives (the ops layer looks them up at call time)."""
-    calls = {n: 0 for n in names}
-    for n in names:
-        real = getattr(mod, n)
-
-        def wrapper(*a, _real=real, _n=n, **k):
-            calls[_n] += 1
-            return _real(*a, **k)
-        monkeypatch.setattr(mod, n, wrapper)
-    return calls
 
 
 def _mask(seqlens, S):
@@ -99,7 +73,7 @@ def test_unpad_pad_through_ops_backend(monkeypatch):
     import fastbert
     from fastbert.ops import pad_input, unpad_input
 
-    calls = _spy(monkeypatch, K, "index_gather_fwd", "index_scatter_fwd")
+    calls = count_calls(monkeypatch, K, "index_gather_fwd", "index_scatter_fwd")
     B, S, F = 3, 5, 16
     mask = _mask([5, 0, 2], S)
     hidden = torch.randn(B, S, F, device=DEV, requires_grad=True)

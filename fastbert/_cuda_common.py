@@ -1,0 +1,42 @@
+"""What the ``csrc/`` kernels can and cannot run, shared by the two backends built from those sources:
+``cuda`` (``fastbert.cuda_backend``: ``fastbert._C`` on a GPU) and ``cuda_host`` (``fastbert.cuda_host_backend``:
+the same kernels compiled as host C++ for tests). Both run the same kernel code, so they refuse the same
+inputs with the same words. Pure Python and torch: importing this never needs the extension or a compiler.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fb::DType in csrc/common.cuh
+LN_MAX_N = 16384  # kLnMaxN in csrc/layer_norm.cu (tests/test_cuda_host.py checks the two agree)
+ATTN_DTYPES = (torch.float16, torch.bfloat16)  # csrc/flash_attn.cu: tensor-core mma.sync
+ATTN_HEAD_DIMS = (32, 64, 128)
+
+
+def unsupported(primitive: str, *args) -> Optional[str]:
+    """Why the CUDA kernels cannot run these inputs (None: they can). ``args``: the primitive's arguments
+    as in ``fastbert/reference.py``."""
+    if primitive in ("index_gather_fwd", "index_scatter_fwd"):
+        return None  # rows are copied as bytes: any dtype
+    if primitive.startswith("flash_attn"):
+        return attn_unsupported(primitive, *args)
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dtype not in KERNEL_DTYPES:
+        return f"the CUDA kernels support fp32/bf16/fp16 for {primitive}, got {x.dtype}"
+    if primitive.startswith("layer_norm") and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > LN_MAX_N:
+        return f"the CUDA LayerNorm keeps a row in registers: N <= {LN_MAX_N}, got {x.shape[1]}"
+    return None
+
+
+def attn_unsupported(primitive: str, *args) -> Optional[str]:
+    """``unsupported`` for ``flash_attn_fwd`` (q first) and ``flash_attn_bwd`` (dout first, then q)."""
+    q = args[1] if primitive == "flash_attn_bwd" else args[0]
+    if isinstance(q, torch.Tensor):
+        if q.dtype not in ATTN_DTYPES:
+            return (f"the CUDA attention kernels run float16 and bfloat16 on tensor cores, got q.dtype {q.dtype} "
+                    f"(cast q, k, v to bf16/fp16 or use the torch/triton backend)")
+        if q.dim() == 3 and q.shape[-1] not in ATTN_HEAD_DIMS:
+            return f"the CUDA attention kernels support head dim {ATTN_HEAD_DIMS}, got {q.shape[-1]}"
+    return None

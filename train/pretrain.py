@@ -1,0 +1,507 @@
+"""MLM pretraining of a fastbert encoder.
+
+    python -m train.pretrain --config train/configs/tiny-cpu.yaml [--data PATH] [--output-dir DIR] [key=value ...]
+    torchrun --nproc_per_node=8 -m train.pretrain --config train/configs/mosaicbert-base.yaml
+
+The loop is one straight function (:func:`train`), nanoGPT style. Outputs in ``output_dir``:
+``config.yaml`` (the resolved config), ``metrics.jsonl`` (train rows every ``log_every`` steps, held-out rows
+every ``eval_every``), ``checkpoints/step-NNNNNNN/`` (``model.safetensors`` + ``config.json`` +
+``trainer_state.pt``: optimizer, schedule position, RNG of every rank, data position), ``loss.png`` and
+``final/`` (``config.json``, ``model.safetensors``, tokenizer files; ``BertForMaskedLM.from_pretrained``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import data as D
+from .config import PretrainConfig, expand_path, load_config, save_config, to_dict
+from .tokenizer import WordPiece, load_tokenizer
+from .utils import (Dist, gpu_peak_flops, mfu, plot_losses, rng_state, seed_all, set_rng_state,
+                    setup_distributed, truncate_metrics)
+
+CKPT_PREFIX = "step-"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stopped without writing the bad state."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+def lr_at(frac: float, peak: float, warmup: float, final_ratio: float) -> float:
+    """Linear warmup over the first ``warmup`` fraction of the budget, then linear decay to
+    ``peak * final_ratio`` at ``frac == 1``."""
+    frac = min(max(frac, 0.0), 1.0)
+    if warmup > 0 and frac < warmup:
+        return peak * frac / warmup
+    return peak * (final_ratio + (1.0 - final_ratio) * (1.0 - frac) / (1.0 - warmup))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices and embeddings only (biases and LayerNorm gains, the
+    1-D parameters, get none: decaying them only fights the normalisation)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
+
+
+def mask_seed(seed: int, step: int, micro: int) -> int:
+    """Seed of the masking generator of one micro-batch, ``micro`` counted over the whole global batch
+    (``rank * accum_steps + i``). Masks depend on (seed, step, micro) only: a resumed run masks exactly as
+    the uninterrupted one, and N ranks see the same masked batches as one process with N times the
+    accumulation steps."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def make_batch(ds: D.TokenDataset, idx: np.ndarray, tok: WordPiece, prob: float, gen: torch.Generator,
+               pad_to: int = 0):
+    ids, attn = D.collate([ds[int(i)] for i in idx], tok.pad_id, pad_to)
+    inputs, labels = D.mask_tokens(ids, tok.special_ids, tok.vocab_size, tok.mask_id, prob, gen)
+    return inputs, attn, labels
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast) -> Dict[str, float]:
+    """Held-out MLM loss (mean over all masked tokens) and accuracy on fixed, pre-masked batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n, correct = 0.0, 0, 0
+    for inputs, attn, labels in batches:
+        with autocast:
+            out = model(input_ids=inputs.to(device), attention_mask=attn.to(device), labels=labels.to(device),
+                        return_logits=True)
+        loss_sum += float(out.loss) * out.n_masked
+        n += out.n_masked
+        correct += int(out.n_correct)
+    model.train(was_training)
+    return {"eval_loss": loss_sum / max(n, 1), "eval_acc": correct / max(n, 1), "eval_tokens": n}
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root)
+                  if d.startswith(CKPT_PREFIX) and os.path.isfile(os.path.join(root, d, "trainer_state.pt")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
+                    cfg: PretrainConfig, keep: int) -> str:
+    """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
+    place last, so a kill at any moment leaves either the complete checkpoint or none."""
+    root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"{CKPT_PREFIX}{step:07d}")
+    for stale in os.listdir(root):  # temp directories of a run killed mid-write (only rank 0 writes here)
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:07d}-{os.getpid()}")
+    raw_model.save_pretrained(tmp)
+    state = {"step": step, "elapsed_s": elapsed,
+             "optimizer": optimizer.state_dict(),
+             "scheduler": {"step": step, "elapsed_s": elapsed, "max_steps": cfg.max_steps,
+                           "max_minutes": cfg.max_minutes},
+             "rng": rngs,  # one entry per rank
+             "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
+                      "global_batch_size": cfg.global_batch_size},
+             "config": to_dict(cfg)}
+    path = os.path.join(tmp, "trainer_state.pt")
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.isdir(final):  # a re-run of the same step (resume=none into the same dir)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    done = sorted(d for d in os.listdir(root) if d.startswith(CKPT_PREFIX))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def prepare_data(cfg: PretrainConfig, dist: Dist, log):
+    """Tokenizer + tokenized train (and validation) datasets; rank 0 builds the caches, others wait."""
+    dc = cfg.data
+    valid_path = expand_path(dc.valid)
+    src = D.resolve_source(expand_path(dc.train), exclude=[valid_path], hub_config=dc.hub_config,
+                           hub_split=dc.hub_split, arg="data.train (--data)")
+    cache_root = expand_path(dc.cache_dir) or D.default_cache_root()
+    tok_spec = expand_path(dc.tokenizer)
+    if tok_spec == "train":
+        # A vocabulary trained on the training data, cached by the data's identity like the shards.
+        key = D.cache_key(D.Source(src.kind, src.files, src.name, src.config, src.split),
+                          f"train-{dc.train_vocab_size}-{dc.lowercase}", 0, dc.max_documents, dc.text_field)
+        tok_path = os.path.join(cache_root, f"wordpiece-{key}", "tokenizer.json")
+        if dist.is_main and not os.path.isfile(tok_path):
+            log(f"data: training a {dc.train_vocab_size}-token WordPiece vocabulary -> {tok_path}")
+            tok = load_tokenizer("train", dc.lowercase, D.iter_documents(src, dc.text_field, dc.max_documents),
+                                 dc.train_vocab_size)
+            tok.save(os.path.dirname(tok_path))
+        dist.barrier()
+        tok_spec = tok_path
+    tok = load_tokenizer(tok_spec, dc.lowercase)
+
+    def build(source, max_docs, logf):
+        return D.build_or_load(source, tok, dc.max_len, cache_root, max_docs, dc.text_field, dc.num_workers,
+                               dc.shard_tokens, log=logf)
+
+    valid_src = D.resolve_source(valid_path, arg="data.valid") if valid_path else None
+    train_ds = valid_ds = None
+    if dist.is_main:  # build (or verify) the caches once; the other ranks open them after the barrier
+        train_ds = build(src, dc.max_documents, log)
+        valid_ds = build(valid_src, dc.valid_max_documents, log) if valid_src else None
+    dist.barrier()
+    if not dist.is_main:
+        train_ds = build(src, dc.max_documents, lambda *_: None)
+        valid_ds = build(valid_src, dc.valid_max_documents, lambda *_: None) if valid_src else None
+    return tok, train_ds, valid_ds
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def train(cfg: PretrainConfig, log=None) -> Dict:
+    """Run (or resume) pretraining as configured; returns a summary dict (paths, last losses).
+
+    Raises :class:`TrainingDiverged` on a NaN/inf loss (the checkpoints already written are kept).
+    """
+    cfg.validate()
+    prev_threads = torch.get_num_threads()
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.set_num_threads(prev_threads)  # an in-process caller (tests, quickstart) gets its setting back
+
+
+def _train(cfg: PretrainConfig, log) -> Dict:
+    from fastbert.models import BertConfig, BertForMaskedLM
+
+    dist = setup_distributed(cfg.device)
+    if cfg.threads > 0:  # after setup_distributed, which splits the cores between CPU ranks
+        torch.set_num_threads(cfg.threads)
+    device = dist.device
+    bar = None
+
+    def say(msg: str) -> None:  # rank 0 only; through tqdm so the bar is not broken
+        if not dist.is_main:
+            return
+        if log is not None:
+            log(msg)
+        elif bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    out_dir = os.path.abspath(expand_path(cfg.output_dir))
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    say(f"pretrain: output -> {out_dir} (world size {dist.world}, device {device})")
+
+    tok, train_ds, valid_ds = prepare_data(cfg, dist, say)
+
+    # --- model and optimizer (same seed on every rank: DDP also broadcasts rank 0's weights) ---
+    seed_all(cfg.seed)
+    mcfg = BertConfig.preset(cfg.model.preset, **{"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id,
+                                                  **cfg.model.overrides})
+    if mcfg.position_embedding_type == "learned" and cfg.data.max_len > mcfg.max_position_embeddings:
+        raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the model's max_position_embeddings "
+                         f"{mcfg.max_position_embeddings}")
+    mcfg.extra = {**mcfg.extra, "tokenizer": tok.fingerprint, "pretrain_max_len": cfg.data.max_len}
+    raw_model = BertForMaskedLM(mcfg).to(device)
+    n_params = raw_model.num_parameters()
+    optimizer = build_optimizer(raw_model, cfg, device)
+
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- resume ---
+    step, elapsed = 0, 0.0
+    ckpt = None
+    if cfg.resume == "auto":
+        ckpt = latest_checkpoint(out_dir)
+    elif cfg.resume not in ("none", ""):
+        ckpt = expand_path(cfg.resume)
+        if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+            raise FileNotFoundError(f"resume: {ckpt!r} is not a checkpoint directory (no trainer_state.pt)")
+    if ckpt is not None:
+        from safetensors.torch import load_file
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        raw_model.load_checkpoint_state(load_file(os.path.join(ckpt, "model.safetensors")), source=ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        if state["data"]["global_batch_size"] != cfg.global_batch_size:
+            say(f"warning: the checkpoint used global_batch_size {state['data']['global_batch_size']}, now "
+                f"{cfg.global_batch_size}: the data order after resuming differs from the original run's")
+        rngs = state["rng"]
+        if len(rngs) == dist.world:
+            set_rng_state(rngs[dist.rank])
+        else:
+            say(f"warning: checkpoint from {len(rngs)} rank(s), now {dist.world}: dropout RNG reseeded")
+            seed_all(cfg.seed + 1000 * step + dist.rank)
+        if dist.is_main:
+            truncate_metrics(metrics_path, step)
+        say(f"resume: {ckpt} (step {step}, {elapsed / 60:.1f} min trained)")
+    else:
+        seed_all(cfg.seed + dist.rank)  # dropout differs per rank; the weights are already drawn
+        if dist.is_main and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+
+    model = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+
+    plan = D.BatchPlan(len(train_ds), cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world,
+                       cfg.seed)
+    pad_to = cfg.data.max_len if cfg.compile else 0  # static shapes for the compiler; else pad to longest
+    budget_s = cfg.max_minutes * 60.0
+
+    def progress(step_: int, elapsed_: float) -> float:
+        return step_ / cfg.max_steps if cfg.max_steps else elapsed_ / budget_s
+
+    # Held-out batches are masked once with a fixed seed: every evaluation scores the same positions.
+    eval_batches = []
+    if valid_ds is not None and dist.is_main:
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        n_eval = min(cfg.eval_sequences, len(valid_ds))
+        for i in range(0, n_eval, cfg.micro_batch_size):
+            idx = np.arange(i, min(i + cfg.micro_batch_size, n_eval))
+            eval_batches.append(make_batch(valid_ds, idx, tok, cfg.data.eval_mlm_probability
+                                           or cfg.data.mlm_probability, g))
+
+    peak = gpu_peak_flops(device)
+    metrics_f = open(metrics_path, "a") if dist.is_main else None
+
+    def write_metrics(row: Dict) -> None:
+        if metrics_f is not None:
+            metrics_f.write(json.dumps(row) + "\n")
+            metrics_f.flush()
+
+    def run_eval() -> Optional[Dict]:
+        if not eval_batches:
+            return None
+        r = evaluate(raw_model, eval_batches, device, autocast)
+        write_metrics({"split": "valid", "step": step, **r})
+        say(f"eval  step {step:>6}: held-out MLM loss {r['eval_loss']:.4f}, accuracy {r['eval_acc']:.3f} "
+            f"({r['eval_tokens']} masked tokens)")
+        return r
+
+    budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
+    say(f"model: {cfg.model.preset} {mcfg.num_hidden_layers}x{mcfg.hidden_size}, {n_params / 1e6:.2f}M params; "
+        f"pos={mcfg.position_embedding_type} mlp={mcfg.mlp_type} attn={mcfg.attention_impl}")
+    say(f"train: {len(train_ds):,} sequences ({train_ds.n_tokens:,} tokens); global batch "
+        f"{cfg.global_batch_size} = {dist.world} rank(s) x {plan.accum_steps} micro-step(s) x "
+        f"{plan.micro_batch}; budget {budget}; lr {cfg.optim.lr}, masking {cfg.data.mlm_probability:.0%}; "
+        f"{'bf16 autocast' if use_bf16 else 'fp32'}")
+
+    first_eval = run_eval() if step == 0 else None
+    last_eval = first_eval
+    last_ckpt = latest_checkpoint(out_dir)
+    if dist.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps or None, initial=step, desc="pretrain", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
+    last_loss = float("nan")
+
+    while progress(step, elapsed) < 1.0:
+        t0 = time.perf_counter()
+        # The LR follows the fraction of the budget this step ends at (step+1 for a step budget).
+        frac = (step + 1) / cfg.max_steps if cfg.max_steps else elapsed / budget_s
+        lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.final_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        micro = plan.micro_batches(step)
+        loss_sum = torch.zeros((), device=device)
+        n_tokens = 0
+        for i, idx in enumerate(micro):
+            gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * plan.accum_steps + i))
+            inputs, attn, labels = make_batch(train_ds, idx, tok, cfg.data.mlm_probability, gen, pad_to)
+            n_tokens += int(attn.sum())
+            if device.type == "cuda":  # pinned host memory lets the copies overlap the previous step
+                inputs, attn, labels = (t.pin_memory() for t in (inputs, attn, labels))
+            inputs, attn, labels = (t.to(device, non_blocking=True) for t in (inputs, attn, labels))
+            # DDP all-reduces gradients on the last micro-step only; the others accumulate locally.
+            sync = (model.no_sync() if dist.enabled and i < len(micro) - 1 else contextlib.nullcontext())
+            with sync:
+                with autocast:
+                    out = model(input_ids=inputs, attention_mask=attn, labels=labels)
+                loss = out.loss / len(micro)
+                if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
+                    loss = loss * float("nan")  # test knob: a diverged step
+                loss.backward()
+            loss_sum += loss.detach()
+        # clip_grad_norm_ also returns the global norm (after DDP's all-reduce, so equal on every rank):
+        # a NaN on any rank shows up on all of them and every rank stops at the same step.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                   else float("inf"))
+        # One host sync per step: the NaN guard must see this step before the optimizer applies it.
+        loss_val, norm_val = (float(x) for x in torch.stack([loss_sum, grad_norm.float()]).cpu())
+        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+            where = last_ckpt or "none written yet"
+            if bar is not None:
+                bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: loss={loss_val} grad_norm={norm_val} (lr {lr:.3g}). "
+                f"Stopped without saving this state; last good checkpoint: {where}. Lower optim.lr or "
+                f"raise optim.warmup, then resume from it (resume=auto).")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        dt = time.perf_counter() - t0
+        if budget_s and dist.enabled:
+            # The wall-clock budget must end every rank at the same step: rank 0's clock decides.
+            t = torch.tensor([dt], device=device, dtype=torch.float64)
+            torch.distributed.broadcast(t, 0)
+            dt = float(t)
+        elapsed += dt
+        win_tokens += n_tokens
+        win_time += dt
+        win_loss += loss_val
+        win_n += 1
+        last_loss = loss_val
+
+        if step % cfg.log_every == 0 or progress(step, elapsed) >= 1.0:
+            stats = torch.tensor([win_loss / win_n, float(win_tokens)], dtype=torch.float64, device=device)
+            if dist.enabled:  # mean loss and total tokens over ranks
+                torch.distributed.all_reduce(stats)
+                stats[0] /= dist.world
+            tok_s = float(stats[1]) / max(win_time, 1e-9)
+            m = mfu(n_params, tok_s / dist.world, peak)
+            row = {"split": "train", "step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": norm_val,
+                   "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "epoch": step * cfg.global_batch_size
+                   / len(train_ds)}
+            write_metrics(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                mfu="n/a" if m is None else f"{m:.1%}", refresh=False)
+            win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
+        if bar is not None:
+            if cfg.max_steps:
+                bar.update(1)
+            else:
+                bar.set_description(f"pretrain {elapsed / 60:.1f}/{cfg.max_minutes:g} min")
+                bar.update(1)
+
+        done = progress(step, elapsed) >= 1.0
+        if cfg.eval_every and step % cfg.eval_every == 0 and not done:
+            last_eval = run_eval()
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done:
+            rngs = [rng_state()]
+            if dist.enabled:  # every rank's dropout RNG, so a resume continues each rank's stream
+                rngs = [None] * dist.world
+                torch.distributed.all_gather_object(rngs, rng_state())
+            if dist.is_main:
+                last_ckpt = save_checkpoint(out_dir, raw_model, optimizer, step, elapsed, rngs, cfg,
+                                            cfg.keep_checkpoints)
+                say(f"checkpoint: {last_ckpt}")
+            dist.barrier()
+        if cfg.debug_step_delay_s:
+            time.sleep(cfg.debug_step_delay_s)  # test knob: widen the window for a kill
+
+    if bar is not None:
+        bar.close()
+        bar = None
+    summary = {"output_dir": out_dir, "steps": step, "elapsed_s": elapsed, "last_train_loss": last_loss,
+               "metrics": metrics_path, "checkpoint": last_ckpt}
+    if dist.is_main:
+        final_eval = run_eval() if eval_batches else None
+        if final_eval:
+            last_eval = final_eval
+        final_dir = os.path.join(out_dir, "final")
+        tmp = final_dir + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw_model.save_pretrained(tmp)
+        tok.save(tmp)
+        save_config(cfg, os.path.join(tmp, "pretrain_config.yaml"))
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+        metrics_f.close()
+        png = plot_losses(metrics_path, os.path.join(out_dir, "loss.png"),
+                          title=f"{cfg.model.preset} MLM pretraining") if cfg.plot else None
+        summary.update(final_dir=final_dir, plot=png, first_eval=first_eval, last_eval=last_eval)
+        say(f"done: {step} steps in {elapsed / 60:.1f} min; final model -> {final_dir}")
+        say(f"      metrics -> {metrics_path}" + (f"; loss plot -> {png}" if png else ""))
+    dist.barrier()
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any config field can be overridden as key=value, nested keys with dots: "
+                                       "optim.lr=1e-3 max_steps=100 model.overrides.num_hidden_layers=4")
+    p.add_argument("--config", help="YAML file (train/configs/*.yaml); defaults apply without one")
+    p.add_argument("--data", help="training data: a file, a directory of .jsonl/.jsonl.gz/.txt files, or a "
+                                  "Hugging Face hub dataset name (sets data.train)")
+    p.add_argument("--output-dir", help="where metrics, checkpoints, loss.png and final/ go (sets output_dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def config_from_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.data:
+        cfg.data.train = args.data
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    return cfg.validate()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    except (D.ShardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

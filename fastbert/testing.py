@@ -2,8 +2,12 @@
 
 The tolerance rule (as in flash-attention's tests): a kernel's error against a high-precision reference
 may be at most ``factor`` times the error PyTorch's own eager op makes in the same dtype against that
-reference (``factor`` 2 for forward outputs, 3 for gradients), plus one ulp of the output dtype for the
-final rounding, plus a tiny absolute floor so exact results (zero error) do not demand bit equality.
+reference (``factor`` 2 for forward outputs, 3 for gradients), plus a floor of a few ulps of the output
+dtype at the largest reference element (``FLOOR_ULPS``), plus a tiny absolute floor so exact results
+(zero error) do not demand bit equality. The floor is what keeps the rule from flaking: PyTorch's error is
+one random sample and is sometimes far below its typical size (the max of 40 fp32 sums that happen to round
+well), so "3x PyTorch's error" alone fails correct kernels by chance (issue 22.6). flash-attention adds the
+same kind of term (``2 * (ref + 0.3 - 0.3 - ref).abs().max()``, about an ulp of the largest output).
 """
 from __future__ import annotations
 
@@ -20,20 +24,31 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(-12345)
 
 
+# The floor, in units of eps(output dtype) * max|ref|. bf16/fp16 outputs are computed in fp32 and rounded
+# once, so a correct kernel is within half an ulp plus a little; the peer's error already holds a rounding
+# of the same size. fp32 outputs come out of fp32 reductions over hundreds of terms whose error, with a
+# different (equally valid) summation order than PyTorch's, reaches several ulps of the largest element.
+# Calibrated by sweeping every kernel test over many seeds (see DEVELOPERS.md, "Tolerances").
+FLOOR_ULPS = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32: 8.0, torch.float64: 8.0}
+
+
 def tolerance(ref: torch.Tensor, peer: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 2.0,
               atol_floor: float = 1e-6) -> torch.Tensor:
-    """Elementwise allowed error for an output of ``dtype`` against ``ref`` (fp32/fp64).
+    """Allowed error (a tensor broadcastable to ``ref``) for an output of ``dtype`` against ``ref`` (fp32/fp64).
 
+    ``factor * max|peer - ref| + FLOOR_ULPS[dtype] * eps(dtype) * max|ref| + atol_floor``.
     ``peer``: PyTorch's eager op run in ``dtype`` on the same inputs (its error defines the scale);
-    None uses ``eps(dtype) * |ref|`` alone.
+    None replaces the peer term by ``eps(dtype) * |ref|`` elementwise.
     """
     ref64 = ref.double()
-    ulp = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    bound = ulp * ref64.abs() + atol_floor
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    scale = ref64.abs().max() if ref64.numel() else ref64.new_zeros(())
+    bound = FLOOR_ULPS.get(dtype, 8.0) * eps * scale + atol_floor
     if peer is not None:
-        peer_err = (peer.double() - ref64).abs().max()
-        bound = bound + factor * peer_err
-    return bound
+        bound = bound + factor * (peer.double() - ref64).abs().max() if peer.numel() else bound
+    else:
+        bound = bound + eps * ref64.abs()
+    return bound.expand_as(ref64) if bound.dim() == 0 else bound
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, peer: Optional[torch.Tensor] = None,
@@ -149,4 +164,65 @@ def patch_triton_interpreter_bf16_dot() -> bool:
 
     builder.create_dot = create_dot
     builder._fastbert_bf16_dot = True
+    return True
+
+
+def _rne_f32_to_bf16_bits(x):
+    """fp32 numpy array -> bf16 bit patterns (uint16), rounded to nearest even as the GPU's
+    ``cvt.rn.bf16.f32`` does: overflow goes to inf, subnormals stay subnormal, NaN stays NaN (quiet)."""
+    import numpy as np
+
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, ((u >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16), rounded)
+
+
+def patch_triton_interpreter_round_to_nearest() -> bool:
+    """TEST-ONLY fix: make the Triton interpreter convert to bf16 by rounding to nearest even, as the GPU does.
+
+    The interpreter (triton 3.x) converts fp32 -> bf16 by dropping the low 16 bits (truncation: bias-GELU of
+    bf16 ``[[3.0]]`` gives 2.984375 instead of 3.0), its "RTNE" path rounds half up without carrying into the
+    exponent, and int/fp64 <-> bf16 casts reinterpret the uint16 storage as a number. On a GPU every such
+    conversion rounds to nearest even (``cvt.rn``). This patch routes every conversion that involves bf16
+    through fp32 with exact bf16 -> fp32 widening and round-to-nearest-even narrowing (``.to(..., "rtz")``
+    still truncates). fp32 -> fp16 already rounds correctly (numpy ``astype``). Returns whether the patch
+    was applied.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # noqa: BLE001 - no triton, nothing to patch
+        return False
+    builder = interp.InterpreterBuilder
+    if getattr(builder, "_fastbert_rne", False):
+        return True
+    original_cast, original_fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+    bf16 = tl.bfloat16
+
+    def to_f32(self, h):
+        if h.dtype.scalar == bf16:
+            return interp.TensorHandle((h.data.astype(np.uint32) << np.uint32(16)).view(np.float32), tl.float32)
+        if h.dtype.scalar == tl.float32:
+            return h
+        return original_cast(self, h, tl.float32)  # ints, fp16, fp64 -> fp32 (numpy astype)
+
+    def cast_impl(self, src, dst_type):
+        src_t, dst_t = src.dtype.scalar, dst_type.scalar
+        if dst_t == bf16 and src_t != bf16:
+            return interp.TensorHandle(_rne_f32_to_bf16_bits(to_f32(self, src).data), bf16)
+        if src_t == bf16 and dst_t != bf16:
+            widened = to_f32(self, src)
+            return widened if dst_t == tl.float32 else original_cast(self, widened, dst_type)
+        return original_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if (dst_type.scalar == bf16 or src.dtype.scalar == bf16) and rounding_mode != interp._ir.ROUNDING_MODE.RTZ:
+            return cast_impl(self, src, dst_type)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
+    builder._fastbert_rne = True
     return True

@@ -460,7 +460,7 @@ class BertForMaskedLM(BertPreTrainedModel):
             raise ValueError("labels: some labelled positions are padding (attention_mask == 0)")
         masked_labels = labels_t.index_select(0, rows)
         h = self.head.transform(enc.x.index_select(0, rows))  # only the labelled rows reach the head
-        loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias)
+        loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias, max_labelled=n_masked)
         if return_logits is None:
             return_logits = not self.training
         logits = n_correct = None

@@ -34,44 +34,49 @@ def _v_config(V: int):
     """Launch config of the row kernel: the whole row in one block when it fits, else streamed."""
     block = triton.next_power_of_2(max(V, 1))
     if block <= MAX_RESIDENT:
-        return {"BLOCK_V": block, "RESIDENT": True, "num_warps": max(4, min(32, block // 1024))}
-    return {"BLOCK_V": _STREAM_BLOCK, "RESIDENT": False, "num_warps": 8}
+        return {"BLOCK_V": block, "COLS": min(block, 1024), "RESIDENT": True,
+                "num_warps": max(4, min(32, block // 1024))}
+    return {"BLOCK_V": _STREAM_BLOCK, "COLS": 1024, "RESIDENT": False, "num_warps": 8}
 
 
 @triton.jit
 def _ce_rows_kernel(LOGITS, BIAS, TARGETS, LOSS, GRAD, V, grad_scale, HAS_BIAS: tl.constexpr,
-                    WRITE_GRAD: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_V: tl.constexpr):
+                    WRITE_GRAD: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr):
     """One program per row of the fp32 logits chunk ``[rows, V]`` (contiguous, without the bias)."""
     row = tl.program_id(0)
     base = LOGITS + row.to(tl.int64) * V
     gbase = GRAD + row.to(tl.int64) * V
     cols = tl.arange(0, BLOCK_V)
     tgt = tl.load(TARGETS + row)
-    pad = tgt < 0  # a slot the driver did not fill: no loss, zero gradient
-    bad = tgt >= V
+    pad = tgt < 0  # a slot the driver did not fill: loss 0, zero gradient (gs = 0, no onehot column)
+    bad = tgt >= V  # NaN loss and gradient (never an out-of-bounds read)
+    t_safe = tl.minimum(tl.maximum(tgt, 0), V - 1)
+    x_t = tl.load(base + t_safe)
+    if HAS_BIAS:
+        x_t += tl.load(BIAS + t_safe)
+    x_t = tl.where(bad, float("nan"), x_t)
+    gs = tl.where(pad, 0.0, tl.where(bad, float("nan"), grad_scale))
     if RESIDENT:
-        cmask = cols < V
-        x = tl.load(base + cols, mask=cmask, other=float("-inf"))
+        # The row as [BLOCK_V // COLS, COLS]: 16-byte vector loads and a few predicates per thread (the flat
+        # masked [BLOCK_V] row kept more predicates alive to the store and spilled on sm_90 at 32 warps).
+        c2 = tl.arange(0, BLOCK_V // COLS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        cmask = c2 < V
+        x = tl.load(base + c2, mask=cmask, other=float("-inf"))
         if HAS_BIAS:
-            x += tl.load(BIAS + cols, mask=cmask, other=0.0)
-        m = tl.max(x, axis=0)  # -inf only when the whole row is -inf (then NaN, as the reference)
+            x += tl.load(BIAS + c2, mask=cmask, other=0.0)
+        m = tl.max(tl.max(x, axis=1), axis=0)  # -inf only when the whole row is -inf (NaN, as the reference)
         e = tl.exp(x - m)
-        s = tl.sum(e, axis=0)
+        s = tl.sum(tl.sum(e, axis=1), axis=0)
         lse = m + tl.log(s)
-        x_t = tl.sum(tl.where(cols == tgt, x, 0.0), axis=0)
-        loss = tl.where(pad, 0.0, tl.where(bad, float("nan"), lse - x_t))
-        tl.store(LOSS + row, loss)
         if WRITE_GRAD:
-            g = e * (grad_scale / s)
-            g = tl.where(cols == tgt, g - grad_scale, g)
-            g = tl.where(pad, 0.0, tl.where(bad, float("nan"), g))
-            tl.store(gbase + cols, g.to(GRAD.dtype.element_ty), mask=cmask)
+            g = e * (gs / s)
+            g = tl.where(c2 == tgt, g - gs, g)
+            tl.store(gbase + c2, g.to(GRAD.dtype.element_ty), mask=cmask)
     else:
         # Pass 1: online logsumexp over blocks. A block (or a prefix of blocks) that is entirely -inf
         # leaves m = -inf; subtracting a finite stand-in (0) keeps exp(m - m_new) = 0 instead of NaN.
         m = tl.full([], float("-inf"), tl.float32)
         s = tl.full([], 0.0, tl.float32)
-        x_t = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
             c = start + cols
             cmask = c < V
@@ -82,10 +87,7 @@ def _ce_rows_kernel(LOGITS, BIAS, TARGETS, LOSS, GRAD, V, grad_scale, HAS_BIAS: 
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
             m = m_new
-            x_t += tl.sum(tl.where(c == tgt, x, 0.0), axis=0)
         lse = m + tl.log(s)
-        loss = tl.where(pad, 0.0, tl.where(bad, float("nan"), lse - x_t))
-        tl.store(LOSS + row, loss)
         if WRITE_GRAD:
             # Pass 2: d loss_row / d logits = softmax - onehot, scaled; in the GEMM dtype.
             for start in range(0, V, BLOCK_V):
@@ -94,10 +96,10 @@ def _ce_rows_kernel(LOGITS, BIAS, TARGETS, LOSS, GRAD, V, grad_scale, HAS_BIAS: 
                 x = tl.load(base + c, mask=cmask, other=0.0)
                 if HAS_BIAS:
                     x += tl.load(BIAS + c, mask=cmask, other=0.0)
-                g = tl.exp(x - lse) * grad_scale
-                g = tl.where(c == tgt, g - grad_scale, g)
-                g = tl.where(pad, 0.0, tl.where(bad, float("nan"), g))
+                g = tl.exp(x - lse) * gs
+                g = tl.where(c == tgt, g - gs, g)
                 tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=cmask)
+    tl.store(LOSS + row, tl.where(pad, 0.0, lse - x_t))
 
 
 def triton_ce_rows(logits: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
@@ -112,7 +114,8 @@ def triton_ce_rows(logits: torch.Tensor, targets: torch.Tensor, bias: Optional[t
     cfg = _v_config(V)
     _ce_rows_kernel[(rows,)](logits, bias, targets, loss, grad if grad is not None else logits, V,
                              float(grad_scale), HAS_BIAS=bias is not None, WRITE_GRAD=grad is not None,
-                             RESIDENT=cfg["RESIDENT"], BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
+                             RESIDENT=cfg["RESIDENT"], BLOCK_V=cfg["BLOCK_V"], COLS=cfg["COLS"],
+                             num_warps=cfg["num_warps"])
     return loss
 
 
@@ -149,6 +152,6 @@ def compile_specs():
                           {"LOGITS": "*fp32", "BIAS": "*fp32", "TARGETS": "*i64", "LOSS": "*fp32",
                            "GRAD": "*bf16", "V": "i32", "grad_scale": "fp32"},
                           {"HAS_BIAS": True, "WRITE_GRAD": grad, "RESIDENT": cfg["RESIDENT"],
-                           "BLOCK_V": cfg["BLOCK_V"]}, cfg["num_warps"], hot=grad and V == 30528,
+                           "BLOCK_V": cfg["BLOCK_V"], "COLS": cfg["COLS"]}, cfg["num_warps"], hot=grad and V == 30528,
                           divisible=["LOGITS", "BIAS", "TARGETS", "LOSS", "GRAD", "V"]))
     return specs

@@ -424,10 +424,10 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
     dlogits = torch.softmax(logits, dim=-1)
     dlogits[torch.arange(n, device=hidden.device), tgt] -= 1.0
     dlogits /= max(n, 1)
-    if over:
-        dlogits *= float("nan")
     dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     dh.index_copy_(0, sel, dlogits @ weight.to(acc))
     dweight = dlogits.t() @ h
     dbias = dlogits.sum(0) if bias is not None else None
+    if over:
+        return loss, dh * float("nan"), dweight * float("nan"), (dbias * float("nan") if dbias is not None else None)
     return loss, dh, dweight, dbias

@@ -209,31 +209,6 @@ def _run_index_gather_scatter(F, dtype, B=None):
 # ------------------------------------------------------------------------------------------------
 # sparse MLM loss
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("V,dtype", [(50, torch.float32), (64, torch.float32), (97, torch.bfloat16),
-                                     (3000, torch.float16)])
-def test_cross_entropy_rows(V, dtype):
-    _run_cross_entropy_rows(V, dtype)
-
-
-def _run_cross_entropy_rows(V, dtype, B=None):
-    B = B or H
-    n = 5
-    logits = (torch.randn(n, V) * 3).to(dtype)
-    tgt = torch.randint(0, V, (n,))
-    ref_loss = torch.nn.functional.cross_entropy(logits.double(), tgt, reduction="none")
-    peer_loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
-    ref_grad = 0.25 * (torch.softmax(logits.double(), -1) - torch.nn.functional.one_hot(tgt, V).double())
-    peer_grad = (0.25 * (torch.softmax(logits.float(), -1) - torch.nn.functional.one_hot(tgt, V).float())).to(dtype)
-    work = logits.clone()
-    with poisoned_allocations():
-        loss = B.cross_entropy_rows(work, tgt, None)  # no grad: logits untouched
-    assert torch.equal(work, logits)
-    assert_close(loss, ref_loss, peer=peer_loss, name="loss")
-    loss = B.cross_entropy_rows(work, tgt, 0.25)
-    assert_close(loss, ref_loss, peer=peer_loss, name="loss")
-    assert_close(work, ref_grad, peer=peer_grad, factor=3, name="dlogits")
-
-
 @pytest.mark.parametrize("T,Hd,V,dtype,has_bias", [(10, 16, 50, torch.float32, True),
                                                    (23, 24, 97, torch.bfloat16, False),
                                                    (6, 8, 30, torch.float32, False)])
@@ -254,7 +229,11 @@ def _run_sparse_mlm_loss(T, Hd, V, dtype, has_bias, B=None):
     ref = R.sparse_mlm_loss_fwd(_d(hidden), labels, _d(weight), _d(bias), -100, True)
     peer = R.sparse_mlm_loss_fwd(hidden, labels, weight, bias, -100, True)
     assert_close(got[0], ref[0], peer=peer[0], name="loss")
-    _check_grads(got[1:], ref[1:], peer[1:], ("dhidden", "dweight", "dbias"))
+    # fp32 gradients of the mean loss; compared in the parameters' dtype (what the op's backward returns)
+    assert all(g is None or g.dtype == torch.float32 for g in got[1:])
+    cast = [None if g is None else g.to(dtype) for g in got[1:]]
+    _check_grads(cast, ref[1:], [None if p is None else p.to(dtype) for p in peer[1:]],
+                 ("dhidden", "dweight", "dbias"))
     loss_only = B.sparse_mlm_loss_fwd(hidden, labels, weight, bias, -100, False)
     assert loss_only[1:] == (None, None, None)
     assert_close(loss_only[0], ref[0], peer=peer[0], name="loss (no grad)")
@@ -277,7 +256,6 @@ def test_debug_mode_subset():
         _run_layer_norm(3, 2500, torch.float32, False, "same")  # 256 threads per row: smem reduction
         _run_activation("bias_gelu", 33, 130, torch.float32, True, "none")
         _run_activation("geglu", 70, 256, torch.bfloat16, True, "tanh")
-        test_cross_entropy_rows(97, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,8 +344,6 @@ GPU_CASES = [
     ("geglu", (9, 264, torch.float16, False, "tanh")),
     ("padding", (768, torch.bfloat16)),
     ("padding", (5, torch.float32)),
-    ("ce_rows", (30528, torch.float32)),
-    ("ce_rows", (97, torch.bfloat16)),
     ("mlm", (200, 64, 1000, torch.bfloat16, True)),
 ]
 
@@ -383,7 +359,6 @@ def test_cuda_backend_on_gpu(kind, args):
         pytest.skip(reason)
     run = {"layer_norm": _run_layer_norm, "bias_gelu": functools.partial(_run_activation, "bias_gelu"),
            "geglu": functools.partial(_run_activation, "geglu"),
-           "padding": _run_index_gather_scatter, "ce_rows": _run_cross_entropy_rows,
-           "mlm": _run_sparse_mlm_loss}[kind]
+           "padding": _run_index_gather_scatter, "mlm": _run_sparse_mlm_loss}[kind]
     with torch.device("cuda"):
         run(*args, B=C)

@@ -20,8 +20,10 @@ def _loss_dtype(hidden: Tensor) -> torch.dtype:
 def _mlm_fwd(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor], ignore_index: int,
              compute_grad: bool, backend: str, max_labelled: Optional[int] = None
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss, dh, dw, db = run("sparse_mlm_loss_fwd", backend, hidden, labels, weight, bias, ignore_index, compute_grad,
-                           max_labelled)
+    # autocast off: the backends choose their own GEMM dtypes (fp32 logits and gradients)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, dh, dw, db = run("sparse_mlm_loss_fwd", backend, hidden, labels, weight, bias, ignore_index,
+                               compute_grad, max_labelled)
     acc = _loss_dtype(hidden)
     grads = [opt_out(None if g is None else g.to(acc), hidden) for g in (dh, dw, db)]
     return (loss.to(acc), *grads)

@@ -25,11 +25,12 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 # The floor, in units of eps(output dtype) * max|ref|. bf16/fp16 outputs are computed in fp32 and rounded
-# once, so a correct kernel is within half an ulp plus a little; the peer's error already holds a rounding
-# of the same size. fp32 outputs come out of fp32 reductions over hundreds of terms whose error, with a
-# different (equally valid) summation order than PyTorch's, reaches several ulps of the largest element.
-# Calibrated by sweeping every kernel test over many seeds (see DEVELOPERS.md, "Tolerances").
-FLOOR_ULPS = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32: 8.0, torch.float64: 8.0}
+# once, so a correct kernel is within half an ulp plus a little: one ulp of the largest element covers it
+# whatever the peer's luck. fp32 outputs come out of fp32 reductions over hundreds of terms whose error,
+# with a different (equally valid) summation order than PyTorch's, reached 5 ulps of the largest element
+# (the LayerNorm dweight of test_layer_norm_many_partials over 2000 seeds). Calibrated by sweeping the
+# kernel tests over many seeds (DEVELOPERS.md, "Tolerances").
+FLOOR_ULPS = {torch.float16: 1.0, torch.bfloat16: 1.0, torch.float32: 8.0, torch.float64: 8.0}
 
 
 def tolerance(ref: torch.Tensor, peer: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 2.0,
@@ -185,9 +186,9 @@ def patch_triton_interpreter_round_to_nearest() -> bool:
     bf16 ``[[3.0]]`` gives 2.984375 instead of 3.0), its "RTNE" path rounds half up without carrying into the
     exponent, and int/fp64 <-> bf16 casts reinterpret the uint16 storage as a number. On a GPU every such
     conversion rounds to nearest even (``cvt.rn``). This patch routes every conversion that involves bf16
-    through fp32 with exact bf16 -> fp32 widening and round-to-nearest-even narrowing (``.to(..., "rtz")``
-    still truncates). fp32 -> fp16 already rounds correctly (numpy ``astype``). Returns whether the patch
-    was applied.
+    through fp32 with exact bf16 -> fp32 widening and round-to-nearest-even narrowing (``.to(...,
+    fp_downcast_rounding="rtz")`` truncates, subnormals included). fp32 -> fp16 already rounds correctly
+    (numpy ``astype``). Returns whether the patch was applied.
     """
     try:
         import numpy as np
@@ -218,7 +219,11 @@ def patch_triton_interpreter_round_to_nearest() -> bool:
         return original_cast(self, src, dst_type)
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if (dst_type.scalar == bf16 or src.dtype.scalar == bf16) and rounding_mode != interp._ir.ROUNDING_MODE.RTZ:
+        if dst_type.scalar == bf16 and src.dtype.scalar != bf16 and rounding_mode == interp._ir.ROUNDING_MODE.RTZ:
+            u = to_f32(self, src).data.view(np.uint32)  # toward zero: drop the low half (NaN stays NaN)
+            nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            return interp.TensorHandle(((u >> np.uint32(16)) | (nan * np.uint32(0x40))).astype(np.uint16), bf16)
+        if dst_type.scalar == bf16 or src.dtype.scalar == bf16:
             return cast_impl(self, src, dst_type)
         return original_fp_to_fp(self, src, dst_type, rounding_mode)
 

@@ -115,6 +115,23 @@ def test_layer_norm_many_partials():
     _check_grads(got, ref, peer, ("dz", "dweight", "dbias"))
 
 
+def test_layer_norm_unaligned_params_and_wide_rows():
+    """Weight/bias views that are not 16-byte aligned take the scalar path (the vector path would misread
+    them); a row of 1024 threads (one row per block: the partial row written straight from registers)."""
+    M, N = 9, 64
+    x = torch.randn(M, N, dtype=torch.bfloat16)
+    w, b = torch.randn(N + 1)[1:], torch.randn(N + 1)[1:]  # fp32, 4 bytes past an aligned allocation
+    assert w.data_ptr() % 16 and b.data_ptr() % 16
+    with poisoned_allocations():
+        y, _, mean, rstd = H.layer_norm_fwd(x, w, b, None, 1e-5)
+        got = H.layer_norm_bwd(torch.ones_like(x), x, w, True, mean, rstd, None)
+    y_ref, _, mean_ref, rstd_ref = R.layer_norm_fwd(_d(x), _d(w), _d(b), None, 1e-5)
+    assert_close(y, y_ref, peer=R.layer_norm_fwd(x, w, b, None, 1e-5)[0], name="y")
+    ref = R.layer_norm_bwd(_d(torch.ones_like(x)), _d(x), _d(w), True, mean_ref, rstd_ref, None)
+    _check_grads(got, ref, R.layer_norm_bwd(torch.ones_like(x), x, w, True, mean, rstd, None), ("dz", "dw", "db"))
+    _run_layer_norm(21, 12000, torch.bfloat16, True, "same")
+
+
 def test_layer_norm_limits_agree():
     assert H.load().fbh_layer_norm_max_n() == LN_MAX_N
     assert "16384" in H.unsupported("layer_norm_fwd", torch.randn(1, 16385), None, None, None, 1e-5)
@@ -162,6 +179,12 @@ def _run_activation(op, M, N, dtype, has_bias, approximate, B=None):
 @pytest.mark.parametrize("M,N,dtype,has_bias,approximate", ACT_CASES)
 def test_activation(op, M, N, dtype, has_bias, approximate):
     _run_activation(op, M, N, dtype, has_bias, approximate)
+
+
+def test_activation_many_partials():
+    """More partial rows (one per 32 rows) than the reduction's 16 row-threads: every partial row summed once."""
+    _run_activation("bias_gelu", 1000, 8, torch.float32, True, "none")
+    _run_activation("geglu", 700, 12, torch.bfloat16, True, "tanh")
 
 
 def test_pointwise_empty_batch():

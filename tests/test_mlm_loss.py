@@ -59,6 +59,7 @@ def check_row_kernel(fn, V, gdt, dev, bias=True, rows=6):
     """Random logits + bias; targets with a padding slot (-1) and a bad one (V); gradient buffer poisoned."""
     logits = torch.randn(rows, V, device=dev) * 4.0
     logits[0, V - 1] = 60.0  # the max in the last column (the tail of the last block)
+    logits[rows - 1] -= 50.0  # max far below 0: a block-reduction slot read after it was reused would show
     b = torch.randn(V, device=dev) if bias else None
     tgt = torch.randint(0, V, (rows,), device=dev)
     tgt[1], tgt[2], tgt[3] = -1, V, V - 1

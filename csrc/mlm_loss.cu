@@ -9,6 +9,9 @@
 // thread keeps its VALS values in registers, the block reduces the max, then the sum of exponentials,
 // and writes the gradient from the same registers (4 B read + 2 B written per logit for a bf16 gradient).
 // Wider rows stream the vocabulary twice (online logsumexp, then the gradient, mostly from L2).
+//
+// fastbert: kind: *cross_entropy_rows_kernel*: bandwidth
+// fastbert: cold: *cross_entropy_rows_kernel<*, 1, *>*: scalar path for V not a multiple of 4 (padded vocabularies are multiples of 64)
 #include <cmath>
 
 #include "common.cuh"

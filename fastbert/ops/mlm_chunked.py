@@ -26,24 +26,26 @@ output (``torch.mm(..., out_dtype=torch.float32)``: tensor cores, fp32 accumulat
 the same numerics are computed with fp32 GEMMs (the gradient is still rounded to the input dtype first, so
 CPU tests see the GPU path's rounding).
 
-Bytes moved (HBM; for a static model). ``n`` labelled rows, ``c`` rows per chunk, ``k = ceil(n / c)``
-chunks, vocabulary ``V``, hidden ``H``, ``b`` bytes per element of the GEMM dtype (2 for bf16/fp16),
-``Hp = H + 16 / b`` (the hidden operand with the ones column, padded to 16 bytes; ``H`` without a bias)::
+Bytes moved (HBM; for a static model: ``traffic_bytes`` computes these). ``n`` labelled rows of ``T``,
+``c`` rows per chunk, ``k = ceil(n / c)`` chunks, vocabulary ``V``, hidden ``H``, ``b`` bytes per element
+of the GEMM dtype (2 for bf16/fp16), ``Hp = H + 16 / b`` (the hidden operand with the ones column, padded
+to 16 bytes; ``H`` without a bias)::
 
     per logit, outside the GEMMs' reads of hidden / weight:
         4 (projection writes fp32) + 4 (row kernel reads it once) + b (writes the gradient)
-        + b (dhidden GEMM reads it) + b (dweight GEMM reads it)                    = 8 + 3b  (14 for bf16)
+        + b (dhidden GEMM reads it) + b (dweight GEMM reads it)                      = 8 + 3b  (14 for bf16)
     per chunk: 2 V H b (weight, read by the projection and the dhidden GEMMs) + 2 V Hp 4 (the fp32
-        dweight accumulator, read and written by the addmm) + c H (b + 4) (hidden rows in, fp32 dhidden out)
-    once: V Hp 4 (zero the accumulator) + 2 V Hp 4 (scale, slice and write dweight / dbias) + T H 4 (zero
-        dhidden) + V 4 (the bias)
-    total ~= n V (8 + 3b) + k (2 V H b + 8 V Hp) + 12 V Hp + ...
+        dweight accumulator, read and written by the addmm)
+    per labelled row: H b (hidden in) + H 4 (fp32 dhidden rows out)
+    once: V Hp 4 (zero the accumulator) + V Hp 4 + V H 4 + V 4 (scale; dweight / dbias out) + 3 T H 4
+        (zero, scale dhidden) + the op's backward: (V H + T H) (4 + b) (upstream scale, cast)
 
-Before this layout (256-row chunks, in-place fp32 gradient, separate bias add, two-pass row kernel,
-separate bias-gradient sum and cast) each logit cost ``4 + 8 + 12 + 4 + (4 + b) + 2b = 32 + 3b``
-(38 for bf16) and the accumulator term had ``k = ceil(n / 256)``. For BERT-base MLM (n = 9830 of 32768
-tokens, V = 30528, H = 768, bf16): logits 4.2 GB -> 1.5 GB; accumulator 39 x 188 MB = 7.3 GB -> 5 x 190 MB
-= 0.95 GB (c = 2048); total ~11.9 GB -> ~2.7 GB per step.
+Before (256-row chunks, in-place fp32 gradient, separate bias add, two-pass row kernel, separate
+bias-gradient sum and cast) each logit cost ``4 + 8 + 12 + 4 + (4 + b) + 2b = 32 + 3b`` (38 for bf16)
+and the accumulator term had ``k = ceil(n / 256)``. BERT-base MLM step (T = 32768 tokens, n = 9830
+labelled, V = 30528, H = 768, bf16): logits 11.4 GB -> 4.2 GB, accumulator 39 x 188 MB = 7.3 GB ->
+5 x 190 MB = 0.95 GB (c = 2048), weight reads 3.7 GB -> 0.47 GB; total ~22.4 GB -> ~6.5 GB per step
+(6.7 ms -> 1.95 ms at 3.35 TB/s, besides the 1.4 TFLOP of GEMMs).
 
 Label smoothing is not supported (the loss is plain cross-entropy, as the reference).
 """
@@ -101,6 +103,22 @@ def default_chunk_rows(n: int, V: int, H: int) -> int:
     and never more than n."""
     rows = 1 << max(0, ((1 << 28) // (4 * max(V, 1))).bit_length() - 1)
     return max(1, min(n, max(256, min(4096, rows))))
+
+
+def traffic_bytes(n: int, T: int, V: int, H: int, elem_bytes: int = 2, chunk_rows: Optional[int] = None,
+                  bias: bool = True) -> dict:
+    """HBM bytes one forward+backward of this driver moves (the formulas of the module docstring), by part:
+    ``{"logits", "accumulator", "weight", "rows", "once", "total"}``. GEMM operand re-reads from L2 and the
+    hidden / weight reads of the GEMMs' own tiling are not modelled."""
+    b = elem_bytes
+    c = chunk_rows or default_chunk_rows(n, V, H)
+    k = -(-n // c) if n else 0
+    Hp = H + (16 // b if bias else 0)
+    parts = {"logits": n * V * (8 + 3 * b), "accumulator": k * 2 * V * Hp * 4, "weight": k * 2 * V * H * b,
+             "rows": n * H * (b + 4),
+             "once": V * Hp * 8 + V * H * 4 + V * 4 + 3 * T * H * 4 + (V * H + T * H) * (4 + b)}
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def labelled_rows(labels: Tensor, ignore_index: int, V: int, max_labelled: Optional[int]

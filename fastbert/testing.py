@@ -12,6 +12,7 @@ same kind of term (``2 * (ref + 0.3 - 0.3 - ref).abs().max()``, about an ulp of 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -137,22 +138,36 @@ def enable_triton_interpreter_if_no_gpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def patch_triton_interpreter_bf16_dot() -> bool:
+def _interpreter_patch(flag: str):
+    """Decorator for the test-only interpreter patches: ``install(np, tl, interp, builder)`` runs once per
+    process (``flag`` marks triton's ``InterpreterBuilder``); the decorated function takes no argument and
+    returns whether the patch is in place (False without triton)."""
+    def deco(install):
+        @functools.wraps(install)
+        def patch() -> bool:
+            try:
+                import numpy as np
+                import triton.language as tl
+                from triton.runtime import interpreter as interp
+            except Exception:  # noqa: BLE001 - any import failure: no triton to patch
+                return False
+            builder = interp.InterpreterBuilder
+            if not getattr(builder, flag, False):
+                install(np, tl, interp, builder)
+                setattr(builder, flag, True)
+            return True
+        return patch
+    return deco
+
+
+@_interpreter_patch("_fastbert_bf16_dot")
+def patch_triton_interpreter_bf16_dot(np, tl, interp, builder) -> None:
     """TEST-ONLY workaround: make the Triton interpreter's ``tl.dot`` upcast bf16 operands to fp32.
 
     The interpreter stores bf16 as uint16 and hands it to ``np.matmul`` unconverted, so a bf16 ``tl.dot``
     returns garbage on CPU. On a GPU the tensor cores take bf16 operands with fp32 accumulation, which
     is exactly what upcasting and multiplying in fp32 computes. Returns whether the patch was applied.
     """
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as interp
-    except Exception:  # noqa: BLE001 - no triton, nothing to patch
-        return False
-    builder = interp.InterpreterBuilder
-    if getattr(builder, "_fastbert_bf16_dot", False):
-        return True
     original = builder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
@@ -164,8 +179,6 @@ def patch_triton_interpreter_bf16_dot() -> bool:
         return original(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
-    builder._fastbert_bf16_dot = True
-    return True
 
 
 def _rne_f32_to_bf16_bits(x):
@@ -179,7 +192,8 @@ def _rne_f32_to_bf16_bits(x):
     return np.where(nan, ((u >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16), rounded)
 
 
-def patch_triton_interpreter_round_to_nearest() -> bool:
+@_interpreter_patch("_fastbert_rne")
+def patch_triton_interpreter_round_to_nearest(np, tl, interp, builder) -> None:
     """TEST-ONLY fix: make the Triton interpreter convert to bf16 by rounding to nearest even, as the GPU does.
 
     The interpreter (triton 3.x) converts fp32 -> bf16 by dropping the low 16 bits (truncation: bias-GELU of
@@ -190,15 +204,6 @@ def patch_triton_interpreter_round_to_nearest() -> bool:
     fp_downcast_rounding="rtz")`` truncates, subnormals included). fp32 -> fp16 already rounds correctly
     (numpy ``astype``). Returns whether the patch was applied.
     """
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as interp
-    except Exception:  # noqa: BLE001 - no triton, nothing to patch
-        return False
-    builder = interp.InterpreterBuilder
-    if getattr(builder, "_fastbert_rne", False):
-        return True
     original_cast, original_fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
     bf16 = tl.bfloat16
 
@@ -229,5 +234,3 @@ def patch_triton_interpreter_round_to_nearest() -> bool:
 
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
-    builder._fastbert_rne = True
-    return True

@@ -8,6 +8,8 @@
 // larger rows). Weight and bias arrive as fp32 [N] (the callers convert these tiny vectors once) and are
 // read as 16-byte vectors like the rows.
 //
+// The backward's R x N fp32 combine buffer is at most 32 KiB (N = 4096: R = 2):
+// fastbert: dynamic-smem: *layer_norm_bwd_kernel*: 32768
 // fastbert: cold: *fb::layer_norm_*_kernel<*, 1>*: VEC=1 fallback for rows not 16-byte multiples/aligned; BERT rows take the vector path
 // fastbert: spill-ok: only the scalar fallbacks (VEC = 1, rows whose length is not a multiple of 16 bytes,
 // e.g. N = 1023) spill a few bytes on some arch/dtype: 16 independently addressed elements per thread

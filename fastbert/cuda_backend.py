@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from fastbert._cuda_common import unsupported  # noqa: F401 - the backend's unsupported(), shared with cuda_host
+from fastbert.reference import check_window_size
 
 
 def _C():
@@ -78,11 +79,14 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
 
 
 # ---- attention (csrc/flash_attn.cu: tensor-core mma.sync, bf16/fp16 only) ---------------------------
-def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1)):
+    left, right = check_window_size(window_size)
     return tuple(_C().flash_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), alibi_slopes,
-                                     None if softmax_scale is None else float(softmax_scale)))
+                                     None if softmax_scale is None else float(softmax_scale), left, right))
 
 
-def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None,
+                   window_size=(-1, -1)):
+    left, right = check_window_size(window_size)
     return tuple(_C().flash_attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, int(max_seqlen), alibi_slopes,
-                                     None if softmax_scale is None else float(softmax_scale)))
+                                     None if softmax_scale is None else float(softmax_scale), left, right))

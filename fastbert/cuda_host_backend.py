@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 
 from fastbert._cuda_common import unsupported  # noqa: F401 - the backend's unsupported(), shared with cuda
+from fastbert.reference import WINDOW_UNBOUNDED, check_window_size
+from fastbert.testing import VisitLog
 from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss
 
 CXX_FLAGS = ["-O2", "-std=c++17", "-pthread", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall",
@@ -62,9 +64,11 @@ ENTRY_POINTS = {
                             _c_i], ctypes.c_char_p),
     "fbh_cross_entropy_rows": ([_c_i, _c_p, _c_p, _c_p, _c_i, _c_i, _c_f, _c_i], ctypes.c_char_p),
     "fbh_flash_attn_fwd": ([_c_i, _c_p, _c_p, _c_p] + [_c_i64] * 6 + [_c_p, _c_p, _c_p, _c_p, _c_i, _c_i, _c_i,
-                                                                       _c_i64, _c_i, _c_f], ctypes.c_char_p),
-    "fbh_flash_attn_bwd": ([_c_i, _c_p, _c_p, _c_p, _c_p] + [_c_i64] * 6 + [_c_p] * 8 + [_c_i, _c_i, _c_i, _c_i64,
-                                                                                    _c_i, _c_f], ctypes.c_char_p),
+                                                                       _c_i64, _c_i, _c_f, _c_i, _c_i, _c_p],
+                           ctypes.c_char_p),
+    "fbh_flash_attn_bwd": ([_c_i, _c_p, _c_p, _c_p, _c_p] + [_c_i64] * 6 + [_c_p] * 7 + [_c_i, _c_i, _c_i, _c_i64,
+                                                                                    _c_i, _c_f, _c_i, _c_i, _c_p],
+                           ctypes.c_char_p),
 }
 
 _lock = threading.Lock()
@@ -337,7 +341,7 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
 
 
 # ---- attention (csrc/flash_attn.cu) ----------------------------------------------------------------
-def _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale):
+def _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale, window_size):
     T, H, D = q.shape
     B = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.to(torch.int32).contiguous()
@@ -345,33 +349,61 @@ def _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale):
     if alibi_slopes is not None:  # [H] or [B, H] -> [B, H] fp32 contiguous
         slopes = alibi_slopes.to(torch.float32).expand(B, H).contiguous()
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
-    return T, H, D, B, cu, slopes, scale
+    # flash-attn's convention (-1: unbounded) goes to the launcher; sides past any sequence are clamped to
+    # fit a C int
+    window = tuple(w if w < 0 else min(w, WINDOW_UNBOUNDED) for w in check_window_size(window_size))
+    return T, H, D, B, cu, slopes, scale, window
 
 
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+_VISITS = VisitLog()
+
+
+def record_visits():
+    """Test hook: inside ``with record_visits() as log:`` the attention kernels record, per block, how many
+    tiles their loops visited: ``log[kind]`` int32 ``[H, B, blocks]`` for ``kind`` in fwd, dq (both of its
+    loops), dkdv; 0 for blocks that exited at once (``record_visits`` in csrc/flash_attn.cu)."""
+    return _VISITS.record()
+
+
+def _visits(kinds, H, B, max_seqlen) -> Optional[torch.Tensor]:
+    """A zeroed int32 ``[len(kinds), H, B, blocks]`` buffer for the launcher while recording, else None."""
+    if _VISITS.log is None:
+        return None
+    blocks = -(-int(max_seqlen) // 64)  # kRows in csrc/flash_attn.cu
+    buf = torch.zeros((len(kinds), H, B, blocks), dtype=torch.int32)
+    for i, kind in enumerate(kinds):
+        _VISITS.log[kind] = buf[i]
+    return buf
+
+
+def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1)):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)  # token / head strides go to the kernel as they are
-    T, H, D, B, cu, slopes, scale = _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale)
+    T, H, D, B, cu, slopes, scale, (wl, wr) = _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale, window_size)
     out = torch.empty((T, H, D), dtype=q.dtype)
     lse = torch.empty((H, T), dtype=torch.float32)
+    visits = _visits(("fwd",), H, B, max_seqlen)
     _call("fbh_flash_attn_fwd", _DTYPE_CODE[q.dtype], _p(q), _p(k), _p(v), q.stride(0), q.stride(1), k.stride(0),
           k.stride(1), v.stride(0), v.stride(1), _p(out), _p(lse), _p(cu), _p(slopes), B, H, D, T, int(max_seqlen),
-          scale)
+          scale, wl, wr, _p(visits))
     return out, lse
 
 
-def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None,
+                   window_size=(-1, -1)):
+    """``out`` is not read: the kernels form delta from P and dP (see fastbert.reference.flash_attn_bwd)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    T, H, D, B, cu, slopes, scale = _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale)
-    doc, oc, lsec = dout.contiguous(), out.contiguous(), lse.to(torch.float32).contiguous()
+    T, H, D, B, cu, slopes, scale, (wl, wr) = _attn_common(q, cu_seqlens, alibi_slopes, softmax_scale, window_size)
+    doc, lsec = dout.contiguous(), lse.to(torch.float32).contiguous()
     dq = torch.empty((T, H, D), dtype=q.dtype)
     dk = torch.empty((T, H, D), dtype=q.dtype)
     dv = torch.empty((T, H, D), dtype=q.dtype)
-    delta = torch.empty((H, T), dtype=torch.float32)  # workspace: rowsum(dout * out)
+    delta = torch.empty((H, T), dtype=torch.float32)  # workspace: sum_j P dP / sum_j P per row
+    visits = _visits(("dq", "dkdv"), H, B, max_seqlen)
     _call("fbh_flash_attn_bwd", _DTYPE_CODE[q.dtype], _p(doc), _p(q), _p(k), _p(v), q.stride(0), q.stride(1),
-          k.stride(0), k.stride(1), v.stride(0), v.stride(1), _p(oc), _p(lsec), _p(dq), _p(dk), _p(dv), _p(delta),
-          _p(cu), _p(slopes), B, H, D, T, int(max_seqlen), scale)
+          k.stride(0), k.stride(1), v.stride(0), v.stride(1), _p(lsec), _p(dq), _p(dk), _p(dv), _p(delta),
+          _p(cu), _p(slopes), B, H, D, T, int(max_seqlen), scale, wl, wr, _p(visits))
     return dq, dk, dv

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections import Counter, defaultdict
 from typing import Dict, List, Optional
@@ -257,19 +256,9 @@ def compare_occupancy(launches: List[dict], report: dict, capability: str) -> Li
 # bench.gpu_plugin records
 # ---------------------------------------------------------------------------------------------------
 def read_jsonl(path: str) -> List[dict]:
-    out = []
-    try:
-        with open(path) as f:
-            for ln in f:
-                ln = ln.strip()
-                if ln:
-                    try:
-                        out.append(json.loads(ln))
-                    except json.JSONDecodeError:
-                        out.append({"rec": "garbled", "text": ln[:500]})  # a line cut by a kill
-    except FileNotFoundError:
-        pass
-    return out
+    """The records so far (a line cut by a kill is dropped)."""
+    from train.utils import read_metrics  # the same JSON Lines reader the training metrics use
+    return read_metrics(path)
 
 
 def summarize_tests(records: List[dict]) -> dict:

@@ -272,6 +272,22 @@ def order_key(group: BenchGroup, nodeid: str, case_index: int, params: Dict[str,
     return (_test_index(group, nodeid), case_index, pi)
 
 
+def skip_reason(now: float, phase_end: float, group_end: Optional[Tuple[str, float]], est_s: float,
+                dry_skip: bool) -> Optional[str]:
+    """Why a test must not start now (None: start it): the phase's time is up; a dry run does not
+    execute this provider; its group's window has closed; or it needs more time than the phase has left.
+    A group may overrun its own window by one test, never the phase."""
+    if now >= phase_end:
+        return "gpu_run: the phase's time is up"
+    if dry_skip:
+        return "gpu_run dry run: provider not executed (tests/test_bench_smoke.py runs it)"
+    if group_end is not None and now >= group_end[1]:
+        return f"gpu_run: group {group_end[0]}'s time is up"
+    if now + est_s > phase_end:
+        return f"gpu_run: {est_s:.0f}s needed, {phase_end - now:.0f}s left in the phase"
+    return None
+
+
 def est_seconds(params: Dict[str, object], nodeid: str) -> float:
     """Rough cost of one benchmark on an H100/H200, to avoid starting one that cannot finish in time."""
     if params.get("provider") in COMPILED:

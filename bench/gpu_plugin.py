@@ -132,26 +132,23 @@ class GpuRunPlugin:
 
     # -- deadlines ---------------------------------------------------------------------------------
     def pytest_runtest_setup(self, item):
-        now = time.time()
-        if now >= self.deadline - MARGIN_S:
-            pytest.skip("gpu_run: the phase's time is up")
-        gi = self.group_of_item.get(item.nodeid)
-        if gi is None:
-            return
         from bench import gpu_plan as P
-        g = self.groups[gi]
-        if g.name not in self.group_deadline:
-            for prev in self.group_deadline:
-                self.budget.finish(prev)
-            self.group_deadline[g.name] = self.budget.deadline(g.name, now)
+        now = time.time()
+        gi = self.group_of_item.get(item.nodeid)
         params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
-        if self.plan.get("dry_run") and params.get("provider") in self.plan.get("dry_skip_providers", ()):
-            pytest.skip("gpu_run dry run: provider not executed (Triton interpreter; the bench smoke test runs it)")
-        if now >= self.group_deadline[g.name]:
-            pytest.skip(f"gpu_run: group {g.name}'s time is up")
-        est = 0.0 if self.plan.get("dry_run") else P.est_seconds(params, item.nodeid)
-        if now + est > self.deadline - MARGIN_S:
-            pytest.skip(f"gpu_run: {est:.0f}s needed, {self.deadline - now:.0f}s left in the phase")
+        group_end = None
+        if gi is not None:
+            g = self.groups[gi]
+            if g.name not in self.group_deadline:   # the group's window opens with its first test
+                for prev in self.group_deadline:
+                    self.budget.finish(prev)
+                self.group_deadline[g.name] = self.budget.deadline(g.name, now)
+            group_end = (g.name, self.group_deadline[g.name])
+        why = P.skip_reason(now, self.deadline - MARGIN_S, group_end,
+                            0.0 if (gi is None or self.plan.get("dry_run")) else P.est_seconds(params, item.nodeid),
+                            params.get("provider") in self.plan.get("dry_skip_providers", ()) and bool(self.plan.get("dry_run")))
+        if why:
+            pytest.skip(why)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_makereport(self, item, call):

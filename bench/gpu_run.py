@@ -423,12 +423,28 @@ def main(argv=None) -> int:
     join_build(run)
     t0 = time.time()
     run.phase("results").update(started_s=round(t0 - run.budget.start, 1))
+    run.result["budget_check"] = budget_check(run)
     problems = S.write_results(run, final=True)
     run.phase("results").update(status="ok" if not problems else "problems", used_s=round(time.time() - t0, 1))
-    S.write_results(run, final=True)
+    problems = S.write_results(run, final=True)
     print(S.console_summary(run), flush=True)
     shutil.rmtree(run.work, ignore_errors=True)
-    return 1 if problems else 0
+    strict = run.result["budget_check"] + (run.result["plan_problems"] if run.dry else [])
+    for p in problems + strict:
+        print(f"gpu_run problem: {p}", file=sys.stderr)
+    return 1 if problems or strict else 0
+
+
+def budget_check(run: Run) -> List[str]:
+    """Phases that ran past their window by more than the stop sequence allows, and a run past its budget."""
+    out = []
+    for name, rec in run.result["phases"].items():
+        if rec.get("window_s") is not None and rec.get("used_s", 0) > rec["window_s"] + GRACE_S + 7:
+            out.append(f"{name} used {rec['used_s']}s of a {rec['window_s']}s window")
+    total = time.time() - run.budget.start
+    if total > run.args.budget_s + 2 * GRACE_S + 10:
+        out.append(f"the run took {total:.0f}s of a {run.args.budget_s:.0f}s budget")
+    return out
 
 
 if __name__ == "__main__":

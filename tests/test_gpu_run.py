@@ -185,11 +185,12 @@ def test_plugin_orders_groups_cuts_them_in_time_and_records_rows(tmp_path):
     assert next(r for r in recs if r.get("rec") == "groups")["selected"] == {"a": 6, "b": 8}
 
 
-def test_plugin_stops_at_the_phase_deadline(tmp_path):
-    import time
-    recs = _plugin_run(tmp_path, {"mode": "tests", "deadline": time.time() + 1})
-    outs = [r for r in recs if r.get("rec") == "outcome"]
-    assert len(outs) == 14 and all(r["outcome"] == "skipped" and "time is up" in r["message"] for r in outs)
+def test_skip_reason_phase_then_group_then_estimate():
+    assert P.skip_reason(100, 100, None, 0, False) == "gpu_run: the phase's time is up"
+    assert "dry run" in P.skip_reason(10, 100, ("g", 50), 0, True)
+    assert P.skip_reason(60, 100, ("g", 50), 0, False) == "gpu_run: group g's time is up"
+    assert "30s needed" in P.skip_reason(80, 100, ("g", 90), 30, False)
+    assert P.skip_reason(49, 100, ("g", 50), 30, False) is None   # may overrun its group by one test
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,6 +295,22 @@ def test_checkout_import_without_an_install(tmp_path):
     assert mode in ("checkout", "installed") and path == os.path.join(ROOT, "kernels", "padding.py")
 
 
+def test_a_phase_past_its_deadline_is_stopped(monkeypatch):
+    """SIGINT first (pytest still writes its summary), SIGKILL for a process that ignores it."""
+    import time
+    from bench import gpu_run
+    monkeypatch.setattr(gpu_run, "GRACE_S", 0.5)
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    for code in ("import time; time.sleep(60)", stubborn):
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE)
+        proc.stdout.readline() if code == stubborn else None
+        t0 = time.time()
+        assert gpu_run.wait_or_stop(proc, time.time() + 0.5) is True
+        assert proc.returncode is not None and time.time() - t0 < 10
+    quick = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    assert gpu_run.wait_or_stop(quick, time.time() + 60) is False and quick.returncode == 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # the whole run, walked on CPU
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +324,7 @@ def test_dry_run_walks_every_phase(tmp_path):
     res = json.loads((out / "gpu_run.json").read_text())
     assert P.check_out_dir(str(out)) == [] and res["out_check"] == []
     assert sorted(os.listdir(out)) == ["gpu_run.json", "logs.txt", "summary.md"]
-    assert res["plan_problems"] == [] and res["plan"][-1]["end_s"] <= 480
+    assert res["plan_problems"] == [] and res["plan"][-1]["end_s"] <= 480 and res["budget_check"] == []
     ph = res["phases"]
     assert set(ph) == {p.name for p in P.PHASES}
     assert ph["ncu"]["status"].startswith("skipped") or ph["ncu"]["status"] == "ok"

@@ -3,12 +3,20 @@
 Shape/dtype/device checks are metadata only. Value checks on ``cu_seqlens``/``max_seqlen``, ``labels``
 and gather/scatter ``indices`` need the data (one small host sync each). Eagerly they run in the public
 op, before anything is launched. While ``torch.compile`` traces they cannot (the values do not exist
-yet), so the traced op carries an empty backend name and its real implementation, which runs eagerly
-inside the compiled graph (custom ops are opaque), runs the same checks before the kernel: a bad value
-raises the same error naming the argument under compile too, never a silent wrong answer (see
-``runtime_checks``). A tensor whose values were already checked (same tensor object, same version, same
-sizes it was checked against) is not checked again, so a 12-layer model pays for ``cu_seqlens`` once per
-step, forward and backward together; ``unpad_input`` marks the tensors it builds as checked.
+yet), so the traced op carries an empty backend name, and its real implementation, which runs eagerly
+inside the compiled graph (custom ops are opaque), runs the same ``*_values`` check before any kernel:
+a wrong ``max_seqlen`` hint or a bad ``cu_seqlens``/label/index raises the same ValueError under compile
+as eagerly, on every backend, instead of a kernel leaving rows unwritten or reading out of bounds.
+
+Why a host check and not kernels that tolerate a wrong hint (a grid-stride loop over query blocks past
+``max_seqlen``) or a device-side assert: the hint is only one of four facts about ``cu_seqlens``, and a
+wrong first/last entry or a decreasing one sends every kernel out of bounds however it loops; a device
+assert kills the CUDA context and says nothing on CPU backends. The host check costs one sync of a
+``[B+1]`` tensor per distinct ``cu_seqlens`` per step: a tensor whose values were already checked (same
+tensor object, same version, same sizes) is not checked again, so a 12-layer model pays once for
+forward and backward together, and ``unpad_input`` marks the tensors it builds as checked. In a
+compiled model that one sync comes right after unpadding's own (the token count), when the GPU queue
+is nearly empty. While a CUDA graph is being captured nothing is read back (the checks are skipped).
 
 Sizes may be ``torch.SymInt`` while tracing (``max_seqlen`` and the token count of an unpadded batch
 are data-dependent, unbacked): size checks then go through ``torch._check_with``, which proves them from
@@ -105,6 +113,8 @@ _MAX_CHECKED = 16
 
 
 def _already_checked(kind: str, t: torch.Tensor, sizes: tuple) -> bool:
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True  # a CUDA graph being captured cannot read values back (replays run no Python anyway)
     hit = _checked.get((kind, id(t)))
     return hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == sizes
 
@@ -177,12 +187,13 @@ def labels(lab: torch.Tensor, n_rows: int, vocab: int, ignore_index: int, device
 
 def labels_values(lab: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every label is ``ignore_index`` or in ``[0, vocab)`` (one host sync)."""
-    if lab.numel() == 0:
+    if lab.numel() == 0 or _already_checked("labels", lab, (int(vocab), int(ignore_index))):
         return
     bad = (lab != ignore_index) & ((lab < 0) | (lab >= vocab))
     if bool(bad.any()):
         v = int(lab[bad][0])
         raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, found {v}")
+    mark_checked("labels", lab, (int(vocab), int(ignore_index)))
 
 
 def same_device(named: Iterable) -> torch.device:

@@ -80,8 +80,12 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     Args:
         q, k, v: ``[T, H, D]`` fp16/bf16/fp32, D in {32, 64, 128}, last-dim stride 1 (views of a fused
             ``[T, 3, H, D]`` QKV projection are accepted without a copy).
-        cu_seqlens: ``[B+1]`` int32 (0, ..., T), non-decreasing; empty sequences allowed.
-        max_seqlen: Python int, at least the longest sequence.
+        cu_seqlens: ``[B+1]`` int32 (0, ..., T), non-decreasing; empty sequences allowed, and ``B == 0``
+            (``cu_seqlens == [0]``, no tokens) gives an empty output.
+        max_seqlen: Python int (a SymInt under ``torch.compile``), at least the longest sequence.
+    Raises:
+        ValueError naming ``cu_seqlens`` or ``max_seqlen`` when their values disagree, eagerly and inside
+        a compiled graph alike; TypeError/ValueError for bad dtypes, shapes, devices.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``, or None for plain attention.
         softmax_scale: default ``1/sqrt(D)``.
     Returns:

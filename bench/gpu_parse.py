@@ -272,4 +272,4 @@ def summarize_tests(records: List[dict]) -> dict:
             "skip_reasons": dict(reasons.most_common(12)),
             "collect_errors": [r for r in records if r.get("rec") == "collect-error"],
             "collected": next((r.get("n") for r in records if r.get("rec") == "collected"), None),
-            "seconds": round(sum(r.get("duration", 0) for r in outs), 1)}
+            "test_seconds": round(sum(r.get("duration", 0) for r in outs), 1)}

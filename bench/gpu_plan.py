@@ -23,6 +23,8 @@ tiny shape, so the dry run still checks that every group matches real tests.
 """
 from __future__ import annotations
 
+import fnmatch
+import glob
 import math
 import os
 import re
@@ -193,6 +195,7 @@ class BenchGroup:
     shape_params: Dict[str, tuple] = field(default_factory=dict)
     reserve_s: float = 0.0
     cap_s: float = INF
+    exclude_tests: Tuple[str, ...] = ()
 
 
 ATT = "bench/test_bench_attention.py::test_attention"
@@ -219,9 +222,10 @@ CORE_GROUPS: Tuple[BenchGroup, ...] = (
     BenchGroup("compiled-peers", (LN, GEGLU, GELU, PAD, MLM), ("compile", "dense-compile"), ("fwdbwd",),
                params={"residual": (True,)}, shape_params=H768, reserve_s=0, cap_s=120),
 )
-# Everything else in bench/ (the calibration tests excluded: the env phase measures the same thing).
+# Everything else in bench/, new benchmark files included (the calibration tests excluded: the env phase
+# measures the same thing).
 REST_GROUPS: Tuple[BenchGroup, ...] = (
-    BenchGroup("rest", ("bench/test_bench_attention.py", "bench/test_bench_ops.py", "bench/test_bench_train.py")),
+    BenchGroup("rest", ("bench/test_bench_*.py",), exclude_tests=("bench/test_bench_calibration.py",)),
 )
 BENCH_PHASE_GROUPS = {"bench-core": CORE_GROUPS, "bench-rest": REST_GROUPS}
 # Providers not executed in a dry run: seconds of CPU each (the Triton interpreter, eager FlexAttention,
@@ -259,9 +263,24 @@ def case_key(nodeid: str, params: Dict[str, object]) -> str:
 
 
 def _test_index(group: BenchGroup, nodeid: str) -> int:
+    """Index of the first entry of ``group.tests`` (``file``, ``file::function``, shell patterns allowed)
+    naming this item; ``len(group.tests)`` if none does."""
     path, _, rest = nodeid.partition("::")
-    func = rest.split("[", 1)[0]
-    return next((i for i, t in enumerate(group.tests) if t in (path, f"{path}::{func}")), len(group.tests))
+    names = (path, f"{path}::{rest.split('[', 1)[0]}")
+    if any(fnmatch.fnmatch(n, x) for x in group.exclude_tests for n in names):
+        return len(group.tests)
+    return next((i for i, t in enumerate(group.tests) if any(fnmatch.fnmatch(n, t) for n in names)), len(group.tests))
+
+
+def group_files(groups: Sequence[BenchGroup], root: str) -> List[str]:
+    """The test files the groups name (patterns expanded under ``root``), for pytest's command line."""
+    out = set()
+    for g in groups:
+        for t in g.tests:
+            pat = t.split("::")[0]
+            out.update(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, pat)))
+    excl = {e.split("::")[0] for g in groups for e in g.exclude_tests if "::" not in e}
+    return sorted(f for f in out if f not in excl)
 
 
 def order_key(group: BenchGroup, nodeid: str, case_index: int, params: Dict[str, object]) -> tuple:

@@ -166,8 +166,8 @@ def run_build(run: Run, deadline: float) -> dict:
 def join_build(run: Run) -> None:
     rec = run.phase("build")
     if run.build_proc is None:
-        if rec.get("status") == "reused":
-            _check_ext(run, rec)
+        if "ext" not in run.have and not run.dry and rec.get("status") in ("reused", "not run") and build_fresh():
+            _check_ext(run, rec)   # built by an earlier call on this machine (or --skip build)
         return
     proc, f, t0, deadline, log = run.build_proc
     rec["timed_out"] = wait_or_stop(proc, deadline)
@@ -190,7 +190,8 @@ def join_build(run: Run) -> None:
 def _check_ext(run: Run, rec: dict) -> None:
     try:
         C = importlib.import_module("fastbert._C")
-        rec.update(status="ok" if rec.get("status") != "reused" else "reused", so=os.path.relpath(C.__file__, ROOT),
+        reused = rec.get("status") in ("reused", "not run")
+        rec.update(status="reused: built earlier on this machine" if reused else "ok", so=os.path.relpath(C.__file__, ROOT),
                    functions=sorted(n for n in dir(C) if not n.startswith("_")))
         run.have.add("ext")
     except Exception as e:  # noqa: BLE001 - a built but unloadable extension is a result too
@@ -290,7 +291,7 @@ def run_sanitizer(run: Run, deadline: float, tool: str, backend: str = "cuda", l
 
 def run_bench(run: Run, deadline: float, phase: str) -> dict:
     groups = P.BENCH_PHASE_GROUPS[phase]
-    files = sorted({t.split("::")[0] for g in groups for t in g.tests})
+    files = P.group_files(groups, ROOT)
     done = [r["nodeid"] for r in run.result.get("bench_records", []) if r.get("rec") == "outcome"
             and not (r["outcome"] == "skipped" and "gpu_run" in r.get("message", ""))]
     plan = {"mode": "bench", "smoke": run.dry, "skip_nodeids": done, "dry_skip_providers": list(P.DRY_SKIP_PROVIDERS),

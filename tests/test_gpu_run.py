@@ -120,8 +120,11 @@ def test_core_groups_select_bert_shapes_on_gpu():
                       P.CORE_GROUPS, smoke=False) is None
     tr = "bench/test_bench_train.py::test_train_step[hf-bert-sdpa]"
     assert P.CORE_GROUPS[P.group_of(tr, {"provider": "hf-bert-sdpa"}, P.CORE_GROUPS, False)].name == "train_step"
-    rest = P.group_of(tr, {"provider": "fastbert-torch"}, P.REST_GROUPS, False)
-    assert rest == 0
+    assert P.group_of(tr, {"provider": "fastbert-torch"}, P.REST_GROUPS, False) == 0
+    assert P.group_of("bench/test_bench_calibration.py::test_copy_bandwidth", {}, P.REST_GROUPS, False) is None
+    files = P.group_files(P.REST_GROUPS, ROOT)   # new bench files join the rest by themselves
+    assert {"bench/test_bench_attention.py", "bench/test_bench_ops.py", "bench/test_bench_train.py"} <= set(files)
+    assert "bench/test_bench_calibration.py" not in files
 
 
 def test_compiled_peers_run_in_the_listed_order():

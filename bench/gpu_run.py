@@ -250,10 +250,16 @@ def sanitizer_cmd(run: Run, tool: str, backend: str = "cuda", minimal: bool = Fa
     cmd = [run.tools["compute-sanitizer"], "--tool", tool]
     if not minimal:
         cmd += ["--print-limit", "200", "--report-api-errors", "no"]
-        names = ["_ZN2fb"] if backend == "cuda" else triton_kernel_names()
+        # Plain identifiers: in the mangled and the demangled name alike, whichever the filter reads.
+        names = cuda_kernel_names() if backend == "cuda" else triton_kernel_names()
         for n in names:
             cmd += ["--kernel-name", f"kns={n}"]
     return cmd + driver
+
+
+def cuda_kernel_names() -> List[str]:
+    from bench.sanitize_driver import SMALL_CASES
+    return sorted({k.split("::")[-1] for c in SMALL_CASES for k in c.kernels})
 
 
 def triton_kernel_names() -> List[str]:
@@ -420,7 +426,10 @@ def main(argv=None) -> int:
         rec["used_s"] = round(time.time() - t0, 1)
         if not phase.background:
             run.budget.finish(phase.name)
-        S.write_results(run, final=False)
+        try:
+            S.write_results(run, final=False)   # a killed run still returns what it had
+        except Exception as e:  # noqa: BLE001 - the final write below tries again
+            rec["results_error"] = f"{type(e).__name__}: {e}"
     join_build(run)
     t0 = time.time()
     run.phase("results").update(started_s=round(t0 - run.budget.start, 1))

@@ -298,6 +298,19 @@ def test_checkout_import_without_an_install(tmp_path):
     assert mode in ("checkout", "installed") and path == os.path.join(ROOT, "kernels", "padding.py")
 
 
+def test_sanitizer_commands_filter_to_every_fastbert_kernel():
+    from types import SimpleNamespace
+    from bench import gpu_run
+    run = SimpleNamespace(dry=False, tools={"compute-sanitizer": "/cs"})
+    cmd = gpu_run.sanitizer_cmd(run, "initcheck")
+    filters = {cmd[i + 1] for i, a in enumerate(cmd) if a == "--kernel-name"}
+    assert cmd[:3] == ["/cs", "--tool", "initcheck"] and "--no-poison" in cmd
+    assert {"kns=flash_attn_bwd_dkdv_kernel", "kns=copy_rows_kernel", "kns=reduce_partials_kernel"} <= filters
+    tri = gpu_run.sanitizer_cmd(run, "memcheck", "triton")
+    assert "kns=_attn_fwd_kernel" in tri and tri[tri.index("--backend") + 1] == "triton" and "--no-poison" not in tri
+    assert gpu_run.sanitizer_cmd(run, "memcheck", minimal=True)[:4] == ["/cs", "--tool", "memcheck", sys.executable]
+
+
 def test_a_phase_past_its_deadline_is_stopped(monkeypatch):
     """SIGINT first (pytest still writes its summary), SIGKILL for a process that ignores it."""
     import time

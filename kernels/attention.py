@@ -624,8 +624,9 @@ def _runtime_signature(kernel, dtype: str) -> dict:
 def _divisible(kernel) -> list:
     """Arguments the JIT sees as multiples of 16 at BERT shapes: every pointer (torch allocations are
     16-byte aligned; a fused-QKV view starts H*D elements in) and every token/head stride (multiples of
-    D in {32, 64, 128}); ``stride_lse_h`` (= T), ``n_heads`` and the window sizes are not. Without this the ahead-of-time
-    compile cannot vectorise the tile loads and needs far more registers (it spilled) than real runs."""
+    D in {32, 64, 128}); ``stride_lse_h`` (= T), ``n_heads`` and the window sizes are not. Without this the
+    ahead-of-time compile cannot vectorise the tile loads and needs far more registers (it spilled) than
+    real runs."""
     return [n for n, t in _runtime_signature(kernel, "bf16").items()
             if t.startswith("*") or (n.startswith("stride_") and n != "stride_lse_h")]
 
@@ -636,8 +637,9 @@ def compile_specs(generations: Tuple[str, ...] = ("sm80", "sm90")) -> list:
     One entry per GPU generation (the ``_CONFIGS`` row the launcher picks there) x kernel (fwd, dq, dkdv)
     x head dim (32, 64, 128) x dtype (bf16, fp16), with ALiBi on (the MosaicBERT path; ALiBi off only
     removes instructions), plus the local-attention build (``HAS_WINDOW``) of each in bf16 (named
-    ``...bf16.window.<gen>``; fp16 is the same code). Extra keys: ``"attrs"`` (see ``kernels._common.spec``) and ``"capability"``
-    (80 or 90: compile for ``GPUTarget("cuda", capability, 32)``, the generation the config is for).
+    ``...bf16.window.<gen>``; fp16 is the same code). Extra keys: ``"attrs"`` (see ``kernels._common.spec``)
+    and ``"capability"`` (80 or 90: compile for ``GPUTarget("cuda", capability, 32)``, the generation the
+    config is for).
     """
     specs = []
     for gen in generations:

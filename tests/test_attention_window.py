@@ -105,10 +105,14 @@ def _check(backend, seqlens, window, dtype, slope_kind="alibi", H=2, D=32, scale
 # ------------------------------------------------------------------------------------------------
 # the reference's window against an independent form
 # ------------------------------------------------------------------------------------------------
-def test_reference_window_matches_sdpa_with_a_band_mask():
-    """Per sequence, ``F.scaled_dot_product_attention`` with an explicit boolean band mask and the ALiBi
-    bias (fp64, autograd) against the reference's forward and its hand-written backward."""
-    seqlens, H, D, window = [1, 0, 9, 20], 2, 8, (3, 1)
+@pytest.mark.parametrize("window", [(3, 1), (0, 0), (-1, 2), (5, -1), (30, 30)])
+def test_reference_window_matches_sdpa_with_a_band_mask(window):
+    """The torch backend (the reference) against an independent form: per sequence,
+    ``F.scaled_dot_product_attention`` with an explicit band mask and the ALiBi bias (fp64, autograd), for
+    its forward and its hand-written backward; windows narrower and wider than the sequences, one-sided."""
+    seqlens, H, D = [1, 0, 9, 20], 2, 8
+    lo = window[0] if window[0] >= 0 else 10**6
+    hi = window[1] if window[1] >= 0 else 10**6
     cu = _cu(seqlens, "cpu")
     q, k, v, do = (torch.randn(sum(seqlens), H, D, dtype=torch.float64) for _ in range(4))
     slopes = R.alibi_slopes(H).double()
@@ -118,7 +122,7 @@ def test_reference_window_matches_sdpa_with_a_band_mask():
         s, e = int(cu[b]), int(cu[b + 1])
         i = torch.arange(e - s)
         rel = i[None, :] - i[:, None]  # j - i
-        bias = (-slopes[:, None, None] * rel.abs()).masked_fill(~((rel >= -3) & (rel <= 1)), float("-inf"))
+        bias = (-slopes[:, None, None] * rel.abs()).masked_fill(~((rel >= -lo) & (rel <= hi)), float("-inf"))
         qb, kb, vb = (t[s:e].transpose(0, 1) for t in leaves)
         outs.append(torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias).transpose(0, 1))
     expect = torch.cat(outs)
@@ -341,11 +345,12 @@ def test_delta_issue_smallest_input(backend):
     q = (torch.randn(2, 1, 32) * 5).half()
     k, v = ((torch.randn(2, 1, 32) * 3).half() for _ in range(2))
     do = torch.randn(2, 1, 32).half()
-    cu, sl = _cu([2], dev), torch.tensor([0.25])
+    cu, sl = _cu([2], dev), torch.tensor([0.25], device=dev)
+    low, f64 = [t.to(dev) for t in (q, k, v, do)], [t.double().to(dev) for t in (q, k, v, do)]
     with fastbert.use_backend(attention=backend):
-        _, grads = _grads(lambda a, b, c: O.flash_attn_varlen_alibi(a, b, c, cu, 2, sl.to(dev)), *(t.to(dev) for t in (q, k, v, do)))
-    _, ref = _grads(lambda a, b, c: R.flash_attn_varlen_alibi(a, b, c, cu, 2, sl.to(dev)), *(t.double().to(dev) for t in (q, k, v, do)))
-    _, peer = _grads(lambda a, b, c: _torch_attention(a, b, c, cu, sl[None].to(dev), 32 ** -0.5), *(t.to(dev) for t in (q, k, v, do)))
+        _, grads = _grads(lambda a, b, c: O.flash_attn_varlen_alibi(a, b, c, cu, 2, sl), *low)
+    _, ref = _grads(lambda a, b, c: R.flash_attn_varlen_alibi(a, b, c, cu, 2, sl), *f64)
+    _, peer = _grads(lambda a, b, c: _torch_attention(a, b, c, cu, sl[None], 32 ** -0.5), *low)
     assert abs(ref[1][1, 0, 12].item() - 0.11147) < 1e-4
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref, peer):
         assert_close(g, r, peer=p, factor=3, name=name)

@@ -5,12 +5,12 @@ CPU tensors, for tests only (``auto`` never picks it).
 blocks on worker threads, a block's threads as fibers with real ``__syncthreads``/warp-shuffle barriers,
 per-block shared memory) and the kernel files themselves, and exposes each launcher as an ``extern "C"``
 function. On first use it is built with g++ (``-O2 -std=c++17 -pthread``) into
-``$FASTBERT_CACHE_DIR or ~/.cache/fastbert/cuda_host/<hash of the sources and flags>/libfastbert_host.so``
+``$FASTBERT_CACHE_DIR or ~/.cache/fastbert/cuda_host/<flavour>-<hash of the sources and flags>/libfastbert_host.so``
 and loaded with ctypes. The primitives below have exactly the signatures of ``fastbert/reference.py``;
 they allocate their outputs with torch and hand the kernels raw pointers, as the real ``cuda`` backend's
 binding (``csrc/bindings.cpp``) does on a GPU.
 
-Modes (what each proves: README, "Testing CUDA kernels without a GPU"):
+Modes (what each proves: README, "Races and out-of-bounds accesses without a GPU"):
 
 * fast (default): threads of a block switch only at barriers, in order.
 * debug (``FASTBERT_EMU_DEBUG=1`` or ``with debug_mode():``): the same build; threads start and resume in a
@@ -26,7 +26,8 @@ Modes (what each proves: README, "Testing CUDA kernels without a GPU"):
   process must start with the ASan runtime preloaded (:func:`sanitizer_env` gives the environment; the
   tests run it in a subprocess). An out-of-bounds access or undefined behaviour aborts with ASan's report.
 
-``FASTBERT_EMU_SEED`` seeds the shuffled orders, ``FASTBERT_EMU_WORKERS`` sets how many blocks run in parallel.
+``FASTBERT_EMU_SEED`` seeds the shuffled orders, ``FASTBERT_EMU_WORKERS`` sets how many blocks run in parallel,
+``FASTBERT_EMU_REPORT=0`` keeps the checking build's scheduling but silences its reports (``check_mode(report=False)``).
 """
 from __future__ import annotations
 

@@ -33,6 +33,16 @@ const char* guarded(F&& f) {
 #define FBH_API extern "C" __attribute__((visibility("default")))
 
 FBH_API void fbh_reload_config() { emu::reload_config(); }
+// Guard zones for the checking build (n >= 0 sets them, n = 0 clears); returns whether this is a checking build.
+FBH_API int fbh_memcheck_set(const uint64_t* lo_hi, const int* after, const char* const* what, int n) {
+#ifdef FB_EMU_CHECK
+  if (n >= 0) emu::check::set_guards(lo_hi, after, what, n);
+  return 1;
+#else
+  (void)lo_hi, (void)after, (void)what, (void)n;
+  return 0;
+#endif
+}
 FBH_API int fbh_pointwise_partials(int64_t M) { return fb::pointwise_partials(M); }
 FBH_API int fbh_layer_norm_max_n() { return fb::layer_norm_max_n(); }
 FBH_API int fbh_layer_norm_bwd_num_partials(int M, int N) { return fb::layer_norm_bwd_num_partials(M, N); }

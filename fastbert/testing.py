@@ -167,3 +167,13 @@ class VisitLog:
             yield self.log
         finally:
             self.log = outer
+
+
+def patch_triton_interpreter_address_check() -> bool:
+    """TEST-ONLY: every interpreted ``tl.load``/``tl.store``/atomic checks the addresses of its unmasked
+    lanes against the tensor arguments of the launch and raises ``fastbert.memcheck.OutOfBounds`` (naming
+    the kernel line, the argument and the distance) outside them, readable memory or not. Returns whether
+    the patch was applied. Implementation: :func:`fastbert.memcheck.patch_triton_interpreter`."""
+    from fastbert.memcheck import patch_triton_interpreter
+
+    return patch_triton_interpreter()

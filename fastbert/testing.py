@@ -234,3 +234,30 @@ def patch_triton_interpreter_round_to_nearest(np, tl, interp, builder) -> None:
 
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
+
+
+class VisitLog:
+    """The test hook behind the attention backends' ``record_visits()``: while ``record()`` is active,
+    ``log`` is a dict the launchers fill with per-program counts of the blocks their kernel loops visited
+    (``{"fwd" | "dq" | "dkdv": int32 tensor}``); otherwise ``log`` is None and launches count nothing."""
+
+    def __init__(self):
+        self.log: Optional[dict] = None
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[dict]:
+        outer, self.log = self.log, {}
+        try:
+            yield self.log
+        finally:
+            self.log = outer
+
+
+def patch_triton_interpreter_address_check() -> bool:
+    """TEST-ONLY: every interpreted ``tl.load``/``tl.store``/atomic checks the addresses of its unmasked
+    lanes against the tensor arguments of the launch and raises ``fastbert.memcheck.OutOfBounds`` (naming
+    the kernel line, the argument and the distance) outside them, readable memory or not. Returns whether
+    the patch was applied. Implementation: :func:`fastbert.memcheck.patch_triton_interpreter`."""
+    from fastbert.memcheck import patch_triton_interpreter
+
+    return patch_triton_interpreter()

@@ -19,7 +19,7 @@ from fastbert import reference as R
 from fastbert import registry
 from fastbert.ops import sparse_mlm_loss
 from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss, default_chunk_rows, traffic_bytes
-from fastbert.testing import assert_close, double_or_none as _d, poison_
+from fastbert.testing import assert_close, double_or_none as _d, poisoned_allocations
 
 HAS_GPU = torch.cuda.is_available()
 _no_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
@@ -55,8 +55,9 @@ def _primitive(backend):
 # ------------------------------------------------------------------------------------------------
 # the row kernel
 # ------------------------------------------------------------------------------------------------
-def check_row_kernel(fn, V, gdt, dev, bias=True, rows=6):
-    """Random logits + bias; targets with a padding slot (-1) and a bad one (V); gradient buffer poisoned."""
+def check_row_kernel(fn, V, gdt, dev, bias=True, rows=6, pool=None):
+    """Random logits + bias; targets with a padding slot (-1) and a bad one (V); gradient buffer poisoned.
+    ``pool``: a ``fastbert.memcheck.GuardPool`` putting every tensor between guard zones (CPU backends)."""
     logits = torch.randn(rows, V, device=dev) * 4.0
     logits[0, V - 1] = 60.0  # the max in the last column (the tail of the last block)
     logits[rows - 1] -= 50.0  # max far below 0: a block-reduction slot read after it was reused would show
@@ -73,11 +74,14 @@ def check_row_kernel(fn, V, gdt, dev, bias=True, rows=6):
     peer_loss = torch.where(ok, F.cross_entropy(xf, t, reduction="none"), torch.zeros((), device=dev))
     peer_grad = (0.5 * (torch.softmax(xf, -1) - F.one_hot(t, V).float()) * ok[:, None]).to(gdt)
 
-    work = logits.clone()
-    loss = fn(work, tgt, b, None, 0.5)  # loss only: logits untouched
-    assert torch.equal(work, logits)
-    grad = work if gdt == torch.float32 else poison_(torch.empty(rows, V, device=dev, dtype=gdt))
-    loss2 = fn(work, tgt, b, grad, 0.5)
+    put = (lambda t_, name: t_.clone()) if pool is None else pool.put
+    allocations = poisoned_allocations if pool is None else pool.allocations
+    work, tg, bg = put(logits, "logits"), put(tgt, "targets"), (put(b, "bias") if bias else None)
+    with allocations():
+        loss = fn(work, tg, bg, None, 0.5)  # loss only: logits untouched
+        assert torch.equal(work, logits)
+        grad = work if gdt == torch.float32 else torch.empty(rows, V, device=dev, dtype=gdt)
+        loss2 = fn(work, tg, bg, grad, 0.5)
     for got in (loss, loss2):
         assert torch.isnan(got[2]) and got[1].item() == 0.0, got  # bad target: NaN; padding slot: 0
         assert_close(got[ok], ref_loss[ok], peer=peer_loss[ok], name="loss")
@@ -97,11 +101,16 @@ def test_row_kernel(backend, V, gdt, bias):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
-def test_row_kernel_cuda_host_debug_mode():
-    """Shuffled thread order and poisoned shared memory: the block reductions' barriers are needed."""
+def test_row_kernel_cuda_host_checked():
+    """The emulation's checking build (shared-memory races and uninitialised reads, guard zones around every
+    tensor) and its debug mode (shuffled thread order, poisoned shared memory): the block reductions'
+    barriers, the resident and the streamed rows."""
     import fastbert.cuda_host_backend as H
+    from fastbert.memcheck import GuardPool
+    with H.check_mode(seed=5):
+        check_row_kernel(H.cross_entropy_rows, 1000, torch.bfloat16, "cpu", rows=4, pool=GuardPool())
+        check_row_kernel(H.cross_entropy_rows, 97, torch.float32, "cpu", rows=4, pool=GuardPool())
     with H.debug_mode(seed=11, workers=2):
-        check_row_kernel(H.cross_entropy_rows, 1000, torch.bfloat16, "cpu", rows=4)
         check_row_kernel(H.cross_entropy_rows, 33000, torch.float32, "cpu", rows=4)
 
 

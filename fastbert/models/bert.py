@@ -167,12 +167,13 @@ class BertLayer(nn.Module):
     (padded SDPA) -> same shape as x.
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer_idx: int = 0):
         super().__init__()
         H = config.hidden_size
         self.attention = fnn.AlibiSelfAttention(H, config.num_attention_heads,
                                                 alibi=config.position_embedding_type == "alibi",
-                                                attention_dropout=config.attention_probs_dropout_prob)
+                                                attention_dropout=config.attention_probs_dropout_prob,
+                                                window_size=config.attention_window(layer_idx))
         self.attention_norm = fnn.LayerNorm(H, eps=config.layer_norm_eps)
         self.mlp = fnn.GatedMLP(H, config.intermediate_size, gated=config.mlp_type == "glu",
                                 approximate=config.gelu_approximate)
@@ -378,7 +379,7 @@ class BertModel(BertPreTrainedModel):
     def __init__(self, config: BertConfig, add_pooling_layer: bool = False, _init: bool = True):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
         self.pooler = BertPooler(config) if add_pooling_layer else None
         if _init:
             self.init_weights()
@@ -407,8 +408,11 @@ class BertModel(BertPreTrainedModel):
         """``[B, H]``: each sequence's first real token ([CLS] for right-padded batches). An empty sequence
         gets a neighbour's row (finite, meaningless)."""
         T = enc.x.shape[0]
-        if T == 0:
-            raise ValueError("attention_mask: every sequence is empty; there is no [CLS] token to pool")
+        empty = "attention_mask: every sequence is empty; there is no [CLS] token to pool"
+        if torch.compiler.is_compiling():  # T is data-dependent: an assert in the graph, no guard
+            torch._assert_async(enc.cu_seqlens[-1] > 0, empty)
+        elif T == 0:
+            raise ValueError(empty)
         start = enc.cu_seqlens[:-1].long().clamp(max=T - 1)
         return enc.x.index_select(0, start)
 
@@ -456,8 +460,12 @@ class BertForMaskedLM(BertPreTrainedModel):
         labels_t = labels.reshape(-1).long().index_select(0, enc.indices)  # [T]
         rows = torch.nonzero(labels_t != ignore).flatten()
         n_masked = rows.numel()
-        if attention_mask is not None and n_masked != int((labels != ignore).sum()):
-            raise ValueError("labels: some labelled positions are padding (attention_mask == 0)")
+        if attention_mask is not None:
+            on_pads = "labels: some labelled positions are padding (attention_mask == 0)"
+            if torch.compiler.is_compiling():  # data-dependent: an assert in the graph, no guard
+                torch._assert_async((labels != ignore).sum() == n_masked, on_pads)
+            elif n_masked != int((labels != ignore).sum()):
+                raise ValueError(on_pads)
         masked_labels = labels_t.index_select(0, rows)
         h = self.head.transform(enc.x.index_select(0, rows))  # only the labelled rows reach the head
         loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias, max_labelled=n_masked)

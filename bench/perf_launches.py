@@ -15,9 +15,8 @@ launches with bytes and FLOPs only.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 BF16 = 2

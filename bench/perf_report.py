@@ -31,7 +31,7 @@ def constants_md(meta: dict) -> List[str]:
 
 def kernels_md(kernels: Dict[str, Optional[dict]]) -> List[str]:
     lines = ["| kernel (arch) | regs | CTAs/SM | main-loop instr | tensor ops (HMMA.16816-eq) | other / tensor op | "
-             "async copies / iter, stages | barriers / iter | smem wavefronts / ideal (conflicts) |",
+             "async copies / iter, stages | barriers / iter | smem accesses: wavefronts / ideal (conflicts) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, s in kernels.items():
         if s is None:
@@ -39,7 +39,8 @@ def kernels_md(kernels: Dict[str, Optional[dict]]) -> List[str]:
             continue
         arch, name = key.split(" ", 1)
         name = name.replace("__nv_bfloat16", "bf16").replace("void ", "")
-        smem = (f"{s['smem_wavefronts']}/{s['smem_ideal']} ({s['conflicts']:.2f}x)" if s.get("smem_ideal") else "-")
+        smem = (f"{s.get('smem_accesses')}: {s['smem_wavefronts']}/{s['smem_ideal']} ({s['conflicts']:.2f}x)"
+                if s.get("smem_ideal") else "-")
         if s.get("smem_unknown"):
             smem += f", {s['smem_unknown']} unresolved"
         lines.append(f"| {name} ({arch}) | {s['regs']} | {s['blocks_per_sm']} | {s['main_instr'] or '-'} | "

@@ -149,7 +149,7 @@ def compile_specs():
 
 DRIVER = r'''
 import json, sys
-from bench import compile_report as CR, perf_model as PM
+from bench import compile_report as CR, perf_checks as PM
 recs, failures, _ = CR.collect(["sm_80"], default_triton=False, triton_modules_extra=[sys.argv[1]],
                                default_csrc=False, csrc_dirs=[sys.argv[2]], use_cache=True)
 by = {PM.short_name(r["name"]): r for r in recs if not r.get("error")}

@@ -90,16 +90,28 @@ MIRRORS: Dict[str, Dict[str, List[Tuple[str, str]]]] = {
                          ("csrc/common.cu", r"g > 256 \? 256 : g"),
                          ("csrc/common.cuh", r"l\.grid = dim3\(ceil_div\(N, 32 \* l\.vec\), l\.G\);"),
                          ("csrc/common.cuh", r"constexpr int kPwRows = 8;")]},
-    "reduce_partials": {"v1": [("csrc/common.cu", r"FB_LAUNCH\(kern, dim3\(ceil_div\(N, 256\)\), dim3\(256\)")]},
+    "reduce_partials": {"v1": [("csrc/common.cu", r"FB_LAUNCH\(kern, dim3\(ceil_div\(N, 256\)\), dim3\(256\)")],
+                        "v2": [("csrc/common.cu", r"constexpr int kRedRows = 16;"),
+                               ("csrc/common.cu", r"FB_LAUNCH\(kern, dim3\(ceil_div\(N, 32\)\), dim3\(32, kRedRows\)")]},
     "layer_norm": {"v1": [("csrc/layer_norm.cu", r"constexpr int kLnValsPerThread = 16;"),
                           ("csrc/layer_norm.cu", r"return \{tpr, tpr >= 128 \? 1 : 128 / tpr\};"),
-                          ("csrc/layer_norm.cu", r"int cap = sms \* \(2048 / \(s\.tpr \* s\.rows\)\);")]},
+                          ("csrc/layer_norm.cu", r"int cap = sms \* \(2048 / \(s\.tpr \* s\.rows\)\);")],
+                   "v2": [("csrc/layer_norm.cu", r"constexpr int kLnValsPerThread = 16;"),
+                          ("csrc/layer_norm.cu", r"constexpr int kLnBwdThreads = 512;"),
+                          ("csrc/layer_norm.cu", r"return \{tpr, tpr >= kLnBwdThreads \? 1 : kLnBwdThreads / tpr\};"),
+                          ("csrc/layer_norm.cu", r"const int per_sm = 1024 / \(s\.tpr \* s\.rows\) > 1 \? 1024 / \(s\.tpr \* s\.rows\) : 1;"),
+                          ("csrc/layer_norm.cu", r"return s\.rows > 1 \? sizeof\(float\) \* \(size_t\)s\.rows \* \(size_t\)N : 0;")]},
     "padding": {"v1": [("csrc/padding.cu",
                         r"dim3 grid\(\(unsigned\)\(gx < 64 \? gx : 64\), \(unsigned\)\(gy < 65535 \? gy : 65535\)\);")]},
     "mlm_loss": {"v1": [("csrc/mlm_loss.cu", r"constexpr int kCeThreads = 256;"),
                         ("csrc/mlm_loss.cu", r"FB_LAUNCH\(kern, dim3\(n\), dim3\(kCeThreads\)"),
                         ("fastbert/ops/mlm_chunked.py", r"logits \+= bias32"),
-                        ("fastbert/ops/mlm_chunked.py", r"db32 \+= dl\.sum\(0\)")]},
+                        ("fastbert/ops/mlm_chunked.py", r"db32 \+= dl\.sum\(0\)")],
+                 "v2": [("csrc/mlm_loss.cu", r"constexpr int kCeResident = 32;"),
+                        ("csrc/mlm_loss.cu", r"for \(int vals : \{8, kCeResident\}\)"),
+                        ("csrc/mlm_loss.cu", r"FB_LAUNCH\(kern, dim3\(n\), dim3\(sh\.threads\)"),
+                        ("fastbert/ops/mlm_chunked.py", r"loss_sum \+= row_kernel\(logits, targets\[s:s \+ r\], bias32, grad, S\)"),
+                        ("fastbert/ops/mlm_chunked.py", r"addmm_f32_\(acc, grad\.t\(\), h_aug\[:r\]\)")]},
 }
 
 
@@ -189,7 +201,7 @@ def attention_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> 
 # ----------------------------------------------------------------------------------------------
 # row-wise ops
 # ----------------------------------------------------------------------------------------------
-def _pointwise_cuda(name: str, M: int, N: int, x_cols: int, bwd: bool) -> List[Launch]:
+def _pointwise_cuda(name: str, M: int, N: int, x_cols: int, bwd: bool, red: str) -> List[Launch]:
     G = min(max(cdiv(M, 32), 1), 256)
     rpc = cdiv(M, G)
     vec = 8 if N % 8 == 0 else 1
@@ -201,14 +213,16 @@ def _pointwise_cuda(name: str, M: int, N: int, x_cols: int, bwd: bool) -> List[L
                   hbm=io + (G * x_cols * N * F32 if bwd else 0), l2=io + (G * x_cols * N * F32 if bwd else 0),
                   ideal=io + (x_cols * N * F32 if bwd else 0), loads_per_trip=x_cols + (1 if bwd else 0))]
     if bwd:
-        out.append(_reduce_partials(G, x_cols * N))
+        out.append(_reduce_partials(G, x_cols * N, red))
     return out
 
 
-def _reduce_partials(G: int, N: int) -> Launch:
-    return Launch("reduce_partials", "cuda", "*reduce_partials_kernel*", [(G, cdiv(N, 256))], 256,
+def _reduce_partials(G: int, N: int, ver: str = "v1") -> Launch:
+    """v1: one thread per column walks all G rows; v2: 32 columns x 16 row-threads per CTA."""
+    ctas, threads, trips = (cdiv(N, 256), 256, G) if ver == "v1" else (cdiv(N, 32), 512, cdiv(G, 16))
+    return Launch("reduce_partials", "cuda", "*reduce_partials_kernel*", [(trips, ctas)], threads,
                   hbm=G * N * F32 + N * F32, l2=G * N * F32 + N * F32, ideal=N * F32, loads_per_trip=1,
-                  note=f"{G} partial rows summed by {cdiv(N, 256)} CTAs")
+                  note=f"{G} partial rows summed by {ctas} CTAs")
 
 
 def _strips(tree, row_blocks: int, col_tiles: int, sms: int) -> int:
@@ -239,7 +253,7 @@ def pointwise_launches(sh: Shape, pass_: str, backend: str, arch: str, tree, sms
     out = []
     for bwd in ([False] if pass_ == "fwd" else [True] if pass_ == "bwd" else [False, True]):
         if backend == "cuda":
-            out += _pointwise_cuda(sh.op, sh.M, sh.N, x_cols, bwd)
+            out += _pointwise_cuda(sh.op, sh.M, sh.N, x_cols, bwd, tree.versions.get("reduce_partials", "v1"))
         else:
             out += _pointwise_triton(tree, sh.op, sh.M, sh.N, x_cols, bwd, sms)
     return out
@@ -260,13 +274,21 @@ def layer_norm_launches(sh: Shape, pass_: str, backend: str, arch: str, tree, sm
             out.append(Launch("layer_norm_fwd", "cuda", "*layer_norm_fwd_kernel<__nv_bfloat16, 8>*",
                               [(1, cdiv(M, R))], tpr * R, fwd_io, fwd_io, fwd_io))
         if pass_ in ("bwd", "fwdbwd"):
-            G = max(1, min(cdiv(M, R), sms * (2048 // (tpr * R))))
+            if tree.versions.get("layer_norm") == "v1":  # dW/dB accumulated in shared memory, ~16 blocks per SM
+                Rb, G = R, max(1, min(cdiv(M, R), sms * (2048 // (tpr * R))))
+                smem, other, reread = 2 * Rb * N * F32, cdiv(N, Rb * tpr), M * N * BF16  # dy twice
+            else:  # v2: dW/dB in registers, 512-thread blocks, ~2 per SM, one combine buffer
+                Rb = 1 if tpr >= 512 else 512 // tpr
+                G = max(1, min(cdiv(M, Rb), sms * max(1, 1024 // (tpr * Rb))))
+                smem, other = (Rb * N * F32 if Rb > 1 else 0), 2 * cdiv(N, Rb * tpr)
+                reread = 2 * M * N * BF16  # dy and z read again by the second pass (L2)
             part = 2 * G * N * F32
             out.append(Launch("layer_norm_bwd", "cuda", "*layer_norm_bwd_kernel<__nv_bfloat16, 8>*",
-                              [(cdiv(M, G * R), G)], tpr * R, bwd_io + part, bwd_io + part + M * N * BF16,
-                              bwd_io + 2 * N * F32, other_trips=cdiv(N, R * tpr), smem_dynamic=2 * R * N * F32,
+                              [(cdiv(M, G * Rb), G)], tpr * Rb, bwd_io + part, bwd_io + part + reread,
+                              bwd_io + 2 * N * F32, other_trips=other, smem_dynamic=smem,
                               note=f"{G} partial rows"))
-            out += [_reduce_partials(G, N), _reduce_partials(G, N)]
+            red = tree.versions.get("reduce_partials", "v1")
+            out += [_reduce_partials(G, N, red), _reduce_partials(G, N, red)]
         return out
     cfg = tree.common.row_config(N)
     bm, warps = cfg["BLOCK_M"], cfg["num_warps"]
@@ -316,6 +338,14 @@ def padding_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> Li
 # sparse MLM loss (fastbert/ops/mlm_chunked.py drives cuBLAS GEMMs and a backend's row kernel)
 # ----------------------------------------------------------------------------------------------
 def mlm_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> List[Launch]:
+    if tree.versions.get("mlm_loss", "v1") == "v1":
+        return _mlm_v1(sh, pass_, backend, tree)
+    return _mlm_v2(sh, pass_, backend, tree)
+
+
+def _mlm_v1(sh: Shape, pass_: str, backend: str, tree) -> List[Launch]:
+    """b169a24: 256-row chunks (at BERT sizes), the bias added by torch, a two-pass row kernel overwriting the
+    fp32 logits with the gradient, a torch reduction for dbias, a cast, then the GEMMs."""
     n, H, V, T = sh.n, sh.hidden, sh.V, sh.M
     scale = _lib("scale saved grads (torch)", 2 * (T * H + V * H + V) * BF16)
     if pass_ == "bwd":  # the op's backward scales the saved gradients by the incoming one
@@ -323,23 +353,21 @@ def mlm_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> List[L
     grad = pass_ == "fwdbwd"
     c = tree.mlm_chunk_rows(n, V, H)
     out: List[Launch] = []
-    chunks = [min(c, n - s) for s in range(0, n, c)]
-    for rows in chunks:
+    for rows in [min(c, n - s) for s in range(0, n, c)]:
         lv = rows * V * F32
         out.append(_lib("gather rows + logits GEMM (cuBLAS)", rows * H * BF16 * 2 + V * H * BF16 + lv,
                         flops=2.0 * rows * H * V))
         out.append(_lib("logits += bias (torch)", 2 * lv + V * F32))
+        io = lv * (3 if grad else 1)
         if backend == "cuda":
             out.append(Launch("ce_rows", "cuda", "*cross_entropy_rows_kernel<float, 4>*",
-                              [(cdiv(V, 256 * 4), rows)], 256, lv * (3 if grad else 1), lv * (3 if grad else 1),
-                              lv if not grad else 2 * lv, other_trips=cdiv(V, 256 * 4) if grad else 0,
-                              loads_per_trip=1))
+                              [(cdiv(V, 256 * 4), rows)], 256, io, io, lv if not grad else 2 * lv,
+                              other_trips=cdiv(V, 256 * 4) if grad else 0, loads_per_trip=1))
         else:
-            blk = tree.mlm_block_v(V)
-            spec = "mlm_ce_rows_V30528" + ("" if grad else "_nograd")
-            out.append(Launch("ce_rows", "triton", spec, [(cdiv(V, blk[0]), rows)],
-                              32 * blk[1], lv * (3 if grad else 1), lv * (3 if grad else 1),
-                              lv if not grad else 2 * lv, other_trips=cdiv(V, blk[0]) if grad else 0))
+            blk, warps = tree.mlm_block_v(V)
+            out.append(Launch("ce_rows", "triton", "mlm_ce_rows_V30528" + ("" if grad else "_nograd"),
+                              [(cdiv(V, blk), rows)], 32 * warps, io, io, lv if not grad else 2 * lv,
+                              other_trips=cdiv(V, blk) if grad else 0))
         if grad:
             out.append(_lib("dbias += dl.sum(0) (torch)", lv + 2 * V * F32))
             out.append(_lib("dl -> bf16 (torch)", lv + rows * V * BF16))
@@ -349,6 +377,41 @@ def mlm_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> List[L
                             flops=2.0 * rows * H * V))
     if grad:
         out += [_lib("dW, dbias -> bf16 (torch)", V * H * (F32 + BF16) + V * (F32 + BF16)), scale]
+    return out
+
+
+def _mlm_v2(sh: Shape, pass_: str, backend: str, tree) -> List[Launch]:
+    """Labelled rows compacted on the device, big chunks, a one-read row kernel that adds the bias and writes
+    the bf16 gradient, dbias from the dweight GEMM (a ones column), fp32 gradients scaled once."""
+    n, H, V, T = sh.n, sh.hidden, sh.V, sh.M
+    Hp = H + 8
+    scale = _lib("upstream scale + cast of dhidden, dweight, dbias (torch)", (V * H + T * H + V) * (F32 + BF16))
+    if pass_ == "bwd":
+        return [scale]
+    grad = pass_ == "fwdbwd"
+    c = tree.mlm_chunk_rows(n, V, H)
+    out = [_lib("compact labelled rows (torch)", T * 32)]
+    if grad:
+        out.append(_lib("zero dweight accumulator and dhidden (torch)", V * Hp * F32 + T * H * F32))
+    for rows in [min(c, n - s) for s in range(0, n, c)]:
+        lv = rows * V * F32
+        out.append(_lib("gather rows + logits GEMM (cuBLAS)", rows * H * BF16 * 2 + V * H * BF16 + lv,
+                        flops=2.0 * rows * H * V))
+        io = lv + V * F32 + (rows * V * BF16 if grad else 0)
+        if backend == "cuda":
+            inst = f"*cross_entropy_rows_kernel<{'__nv_bfloat16' if grad else 'float'}, 4, 32>*"
+            out.append(Launch("ce_rows", "cuda", inst, [(1, rows)], 1024, io, io, io))
+        else:
+            blk, warps = tree.mlm_block_v(V)
+            spec = "mlm_ce_rows_V30528_" + ("bf16grad" if grad else "nograd")
+            out.append(Launch("ce_rows", "triton", spec, [(1, rows)], 32 * warps, io, io, io))
+        if grad:
+            out.append(_lib("dhidden GEMM + index_copy (cuBLAS)", rows * V * BF16 + V * H * BF16 + 3 * rows * H * F32,
+                            flops=2.0 * rows * H * V))
+            out.append(_lib("dW|dbias += grad^T [h|1] (cuBLAS, fp32 accumulator)",
+                            rows * V * BF16 + 3 * rows * Hp * BF16 + 2 * V * Hp * F32, flops=2.0 * rows * Hp * V))
+    if grad:
+        out += [_lib("scale dhidden, dweight, dbias by 1/n (torch)", 2 * T * H * F32 + V * Hp * F32 + V * H * F32), scale]
     return out
 
 

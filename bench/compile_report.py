@@ -11,6 +11,9 @@ tensor-core instructions (``mma`` / ``wgmma`` in PTX, ``HMMA`` / ``HGMMA`` in SA
 vector widths (``ld.global.v4`` etc. vs scalar), and the theoretical occupancy that registers, shared
 memory and threads allow on an A100 (sm_80) / H100 (sm_90). It prints a Markdown table and writes JSON
 (default ``bench/results/compile-report.json``). This is compile-time evidence, not measured speed.
+Every record also carries ``facts`` (``bench.perf_static.kernel_facts``: main-loop instructions, tensor-core
+work, async copies, shared-memory wavefronts), the input of ``bench.perf_model``; ``collect()`` is the
+compile step both use.
 
 Exit status 1, naming each offending kernel, when:
 
@@ -741,7 +744,9 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "kernels": recs, "failures": failures}, f, indent=1, default=str)
+            # the SASS / PTX facts stay in the cache and in bench/results/perf-model.json (the model's input)
+            slim = [{k: v for k, v in r.items() if k != "facts"} for r in recs]
+            json.dump({"meta": meta, "kernels": slim, "failures": failures}, f, indent=1, default=str)
         md = os.path.splitext(args.json)[0] + ".md"
         with open(md, "w") as f:  # the table as the README quotes it, with what produced it
             f.write(f"Compile-time evidence, not measured speed: `{meta['command']}` (triton {meta['triton']}, "

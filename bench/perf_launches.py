@@ -37,7 +37,7 @@ class Launch:
     l2: float
     ideal: float
     flops: float = 0.0
-    other_trips: int = 1
+    other_trips: Optional[int] = 1
     note: str = ""
     loads_per_trip: Optional[int] = None  # global loads per source iteration: the compiler's unroll = SASS / this
     smem_dynamic: int = 0                  # CUDA: dynamic shared memory per CTA at launch
@@ -80,12 +80,17 @@ def _lib(name: str, hbm: float, flops: float = 0.0, note: str = "") -> Launch:
 # ----------------------------------------------------------------------------------------------
 # family -> launcher version -> lines that version's source contains. The tree's version of a family is
 # the first whose lines all match; the baseline (b169a24) keeps its own restatement beside today's.
+_ATTN_V1 = [("csrc/flash_attn.cu", r"constexpr int kWarps = 4;"),
+            ("csrc/flash_attn.cu", r"kFwdKeys = D <= 64 \? 64 : 32"),
+            ("csrc/flash_attn.cu", r"kDqKeys = D <= 64 \? 64 : 16"),
+            ("csrc/flash_attn.cu", r"kDkvQueries = D <= 64 \? 64 : 16"),
+            ("csrc/flash_attn.cu", r"grid\(ceil_div\(max_seqlen, kRows\), p\.heads, p\.batch\)")]
 MIRRORS: Dict[str, Dict[str, List[Tuple[str, str]]]] = {
-    "attention": {"v1": [("csrc/flash_attn.cu", r"constexpr int kWarps = 4;"),
-                         ("csrc/flash_attn.cu", r"kFwdKeys = D <= 64 \? 64 : 32"),
-                         ("csrc/flash_attn.cu", r"kDqKeys = D <= 64 \? 64 : 16"),
-                         ("csrc/flash_attn.cu", r"kDkvQueries = D <= 64 \? 64 : 16"),
-                         ("csrc/flash_attn.cu", r"grid\(ceil_div\(max_seqlen, kRows\), p\.heads, p\.batch\)")]},
+    "attention": {"v2": _ATTN_V1 + [  # the dq passes walk the key tiles twice (delta from P and dP, then dQ)
+        ("csrc/flash_attn.cu", r"dq +grid \(query blocks, H, B\): over key tiles twice"),
+        ("csrc/flash_attn.cu", r"template <typename T, int D, bool kWindow>"),
+        ("kernels/attention.py", r"# Pass 2: dQ = sum_j dS_ij K_j")],
+                  "v1": _ATTN_V1},
     "pointwise": {"v1": [("csrc/common.cu", r"int64_t g = \(M \+ 31\) / 32;"),
                          ("csrc/common.cu", r"g > 256 \? 256 : g"),
                          ("csrc/common.cuh", r"l\.grid = dim3\(ceil_div\(N, 32 \* l\.vec\), l\.G\);"),
@@ -162,23 +167,26 @@ def attention_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> 
     L, H, D, S = sh.lengths, sh.heads, sh.head_dim, sh.S
     sum_sq = sum(x * x for x in L)
     fwd_flops = 4.0 * sum_sq * H * D
+    twice = tree.versions.get("attention") != "v1"  # v1 (b169a24): one pass over the key tiles in dq
+    inst = ", false" if twice else ""  # v2: CUDA kernels templated on the window (false: global attention)
     out: List[Launch] = []
     if backend == "cuda":
         rows, keys = 64, (64 if D <= 64 else 32)
         dq_keys, dkv_q = (64, 64) if D <= 64 else (16, 16)
         kv_reread = sum(cdiv(x, rows) * x for x in L) * H * D * BF16  # every row block reads its sequence's K/V
         if pass_ in ("fwd", "fwdbwd"):
-            out.append(Launch("flash_attn_fwd", "cuda", f"*flash_attn_fwd_kernel<__nv_bfloat16, {D}>*",
+            out.append(Launch("flash_attn_fwd", "cuda", f"*flash_attn_fwd_kernel<__nv_bfloat16, {D}{inst}>*",
                               _attn_groups(L, H, rows, keys, S), 128,
                               hbm=_attn_bytes(sh, 3, 1, 1), l2=sh.T * H * D * BF16 * 2 + 2 * kv_reread + sh.T * H * F32,
                               ideal=_attn_bytes(sh, 3, 1, 1), flops=fwd_flops))
         if pass_ in ("bwd", "fwdbwd"):
-            out.append(Launch("flash_attn_bwd_dq", "cuda", f"*flash_attn_bwd_dq_kernel<__nv_bfloat16, {D}>*",
+            out.append(Launch("flash_attn_bwd_dq", "cuda", f"*flash_attn_bwd_dq_kernel<__nv_bfloat16, {D}{inst}>*",
                               _attn_groups(L, H, rows, dq_keys, S), 128,
-                              hbm=_attn_bytes(sh, 5, 1, 2), l2=_attn_bytes(sh, 3, 1, 2) + 2 * kv_reread,
-                              ideal=_attn_bytes(sh, 5, 1, 2), flops=1.5 * fwd_flops))
+                              hbm=_attn_bytes(sh, 5, 1, 2), l2=_attn_bytes(sh, 3, 1, 2) + (4 if twice else 2) * kv_reread,
+                              ideal=_attn_bytes(sh, 5, 1, 2), flops=(2.5 if twice else 1.5) * fwd_flops,
+                              other_trips=None if twice else 1))
             qdo_reread = sum(cdiv(x, rows) * x for x in L) * H * (2 * D * BF16 + 2 * F32)
-            out.append(Launch("flash_attn_bwd_dkdv", "cuda", f"*flash_attn_bwd_dkdv_kernel<__nv_bfloat16, {D}>*",
+            out.append(Launch("flash_attn_bwd_dkdv", "cuda", f"*flash_attn_bwd_dkdv_kernel<__nv_bfloat16, {D}{inst}>*",
                               _attn_groups(L, H, rows, dkv_q, S), 128,
                               hbm=_attn_bytes(sh, 4, 2, 2), l2=_attn_bytes(sh, 2, 2, 0) + qdo_reread,
                               ideal=_attn_bytes(sh, 4, 2, 2), flops=2.0 * fwd_flops))
@@ -190,11 +198,11 @@ def attention_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> 
         own, stream = (bn, bm) if kind == "dkdv" else (bm, bn)
         reread = sum(cdiv(x, own) * x for x in L) * H * D * BF16
         io = {"fwd": (3, 1, 1), "dq": (5, 1, 2), "dkdv": (4, 2, 2)}[kind]
-        flops = {"fwd": 1.0, "dq": 1.5, "dkdv": 2.0}[kind] * fwd_flops
+        flops = {"fwd": 1.0, "dq": 2.5 if twice else 1.5, "dkdv": 2.0}[kind] * fwd_flops
         out.append(Launch(f"attn_{kind}", "triton", f"attention.{kind}.d{D}.bf16.{gen}",
                           _attn_groups(L, H, own, stream, S), 32 * warps,
-                          hbm=_attn_bytes(sh, *io), l2=_attn_bytes(sh, *io) + 2 * reread,
-                          ideal=_attn_bytes(sh, *io), flops=flops))
+                          hbm=_attn_bytes(sh, *io), l2=_attn_bytes(sh, *io) + (4 if kind == "dq" and twice else 2) * reread,
+                          ideal=_attn_bytes(sh, *io), flops=flops, other_trips=None if kind == "dq" and twice else 1))
     return out
 
 

@@ -238,12 +238,14 @@ def predict_launch(la: PL.Launch, rec: Optional[dict], gpu: GPU) -> dict:
     total = sass["total"]
     loop_i = main["instr"] if main else 0
     outer_i = sass.get("other_outer_instr", 0)
-    fixed_i = total["instr"] - loop_i - outer_i + outer_i * la.other_trips
     loop_tc = main["tensor_equiv"] if main else 0.0
-    fixed_tc = total["tensor_equiv"] - loop_tc
-    pm, pk = ptx.get("main") or {}, ptx.get("kernel") or {}
-    loop_w = pm.get("wavefronts", 0)
-    fixed_w = pk.get("wavefronts", 0) - loop_w
+    outer_tc = sass.get("other_outer_tensor_equiv", 0.0)
+    pm, pk, po = ptx.get("main") or {}, ptx.get("kernel") or {}, ptx.get("other_outer") or {}
+    loop_w, outer_w = pm.get("wavefronts", 0), po.get("wavefronts", 0)
+    # what runs once per CTA: the kernel minus its main loop and its other outer loops
+    once_i = total["instr"] - loop_i - outer_i
+    once_tc = total["tensor_equiv"] - loop_tc - outer_tc
+    once_w = pk.get("wavefronts", 0) - loop_w - outer_w
     sync_loop = bool(main) and main["ldg"] > 0 and main["ldgsts"] + main["tma"] == 0
     unroll = max(1, round(main["ldg"] / la.loads_per_trip)) if main and la.loads_per_trip else 1
     k = occupancy(la, rec)
@@ -253,9 +255,10 @@ def predict_launch(la: PL.Launch, rec: Optional[dict], gpu: GPU) -> dict:
         if trips == 0 and main:
             instr, tc, wf, lat = EXIT_INSTR, 0.0, 0, MEM_LATENCY_CLK
         else:
-            instr = fixed_i + trips * loop_i
-            tc = fixed_tc + trips * loop_tc
-            wf = fixed_w + trips * loop_w
+            other = trips if la.other_trips is None else la.other_trips  # None: they run like the main loop
+            instr = once_i + trips * loop_i + other * outer_i
+            tc = once_tc + trips * loop_tc + other * outer_tc
+            wf = once_w + trips * loop_w + other * outer_w
             lat = MEM_LATENCY_CLK * (1 + (trips if sync_loop else 0))
         parts = {"issue": warps * instr / ISSUE_PER_CLK, "tensor": warps * tc / gpu.hmma_per_clk,
                  "smem": warps * wf / SMEM_WAVEFRONTS_PER_CLK}
@@ -566,9 +569,14 @@ def main(argv=None) -> int:
     kernels = res.pop("_kernels")
     problems = list(res["problems"])
     if args.tree is None:
-        if args.write_budgets:
+        if args.write_budgets:  # entries of kernels this tree does not use (other branches') are kept
+            try:
+                with open(args.budgets) as f:
+                    kept = json.load(f)
+            except (OSError, ValueError):
+                kept = {}
             with open(args.budgets, "w") as f:
-                json.dump(PC.make_budgets(kernels), f, indent=1, sort_keys=True)
+                json.dump({**kept, **PC.make_budgets(kernels)}, f, indent=1, sort_keys=True)
                 f.write("\n")
         try:
             with open(args.budgets) as f:

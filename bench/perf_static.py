@@ -29,7 +29,7 @@ import itertools
 import re
 from typing import Dict, List, Optional, Tuple
 
-FACTS_VERSION = "1"
+FACTS_VERSION = "2"  # 2: the other outer loops' tensor work and shared wavefronts
 LANES = 32
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def sass_facts(sass: str) -> dict:
     if main is None:
         main = _pick_main(loops, stats, lambda c: c["ldg"] + c["stg"] + c["ldgsts"] + c["tma"])
     total = _counts(insts)
-    out = {"total": total, "loops": len(loops), "main": None, "other_outer_instr": 0}
+    out = {"total": total, "loops": len(loops), "main": None, "other_outer_instr": 0, "other_outer_tensor_equiv": 0.0}
     if main is not None:
         s, e = loops[main]
         m = dict(stats[main], start=s, end=e,
@@ -123,7 +123,9 @@ def sass_facts(sass: str) -> dict:
         # loops outside the main loop and not nested in another outer loop: run once per CTA by default
         outer = [(a, b) for a, b in loops if b < s or a > e]
         outer = [(a, b) for a, b in outer if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in outer)]
-        out["other_outer_instr"] = sum(_counts([i for i in insts if a <= i[0] <= b])["instr"] for a, b in outer)
+        counts = [_counts([i for i in insts if a <= i[0] <= b]) for a, b in outer]
+        out["other_outer_instr"] = sum(c["instr"] for c in counts)
+        out["other_outer_tensor_equiv"] = round(sum(c["tensor_equiv"] for c in counts), 3)
     return out
 
 
@@ -473,7 +475,14 @@ def ptx_facts(ptx: str) -> dict:
         if cands:
             main = max(cands)[2]
             break
-    out = {"kernel": summary(0, len(stmts)), "main": summary(*main) if main else None,
+    outer = [(a, b) for a, b in loops if main and (b < main[0] or a > main[1])]
+    outer = [(a, b) for a, b in outer if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in outer)]
+    other = {"accesses": 0, "unknown": 0, "wavefronts": 0, "ideal": 0}
+    for a, b in outer:
+        part = summary(a, b)
+        for k in other:
+            other[k] += part[k]
+    out = {"kernel": summary(0, len(stmts)), "main": summary(*main) if main else None, "other_outer": other,
            "cp_async": len(cp_async), "cp_async_main": count(cp_async, *main) if main else 0,
            "wait_group_max": max(waits) if waits else None}
     return out

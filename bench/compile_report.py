@@ -755,9 +755,14 @@ def main(argv=None) -> int:
             for msg in failures:
                 f.write(f"\n- FAIL {msg}")
         print(f"wrote {args.json} and {md}")
-    if failures:
-        print(f"\n{len(failures)} problem(s):", file=sys.stderr)
-        for msg in failures:
+    return exit_status(failures)
+
+
+def exit_status(problems: List[str]) -> int:
+    """Print each problem as ``FAIL ...`` on stderr (what the tests grep for); 1 if there are any."""
+    if problems:
+        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
+        for msg in problems:
             print(f"  FAIL {msg}", file=sys.stderr)
         return 1
     return 0

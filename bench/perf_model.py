@@ -600,12 +600,8 @@ def main(argv=None) -> int:
         f.write(md)
     print(perf_report.console(res))
     print(f"wrote {path} and {os.path.splitext(path)[0]}.md ({res['meta']['seconds']} s)")
-    if problems:
-        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
-        for p in problems:
-            print(f"  FAIL {p}", file=sys.stderr)
-        return 1
-    return 0
+    from bench.compile_report import exit_status
+    return exit_status(problems)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class BertConfig:
         pad_vocab_size_multiple: the embedding / decoder has ``padded_vocab_size`` rows (vocab rounded up to
             this multiple, for matmul-friendly shapes); 1 disables padding (needed to reproduce HF losses).
         hidden_act: ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        tie_word_embeddings: the MLM decoder is the word embedding (default); False gives the head its own
+            ``head.decoder`` weight (for converted checkpoints whose decoder is untied).
     """
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -66,6 +68,7 @@ class BertConfig:
     pad_vocab_size_multiple: int = 64
     classifier_dropout: Optional[float] = None
     num_labels: int = 2
+    tie_word_embeddings: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used)
 
     def __post_init__(self):

@@ -477,8 +477,11 @@ def from_hf(source: Union[nn.Module, Dict[str, Tensor]], config: Optional[Union[
     else:
         model = model_class(config)
     with torch.no_grad():
-        model.load_checkpoint_state(convert_hf_state_dict(state, config, family, strict),
-                                    source=f"hugging face {family} state dict")
+        info = model.load_checkpoint_state(convert_hf_state_dict(state, config, family, strict),
+                                           source=f"hugging face {family} state dict")
+    if strict and info["unexpected_keys"]:
+        raise ValueError(f"state: {model_class.__name__} has no place for {info['unexpected_keys']} (pass "
+                         "model_class= for a model that has, or strict=False to drop them)")
     return model.train(training)
 
 

@@ -245,3 +245,25 @@ def test_from_hf_refuses_what_it_would_drop_or_cannot_build():
         from_hf(untied, config=config_from_hf(transformers.BertConfig(**common)))
     with pytest.raises(ValueError, match="embedding_size"):
         config_from_hf(transformers.ElectraConfig(**common, embedding_size=32))
+
+
+def test_glue_hf_checkpoint_path_names_dropped_weights(tmp_path):
+    """train.glue's Hugging Face path (issue 22.2): the MLM head may be left out and the task head is new, but
+    an encoder weight that is missing, resized or unused is an error naming it, never silently replaced."""
+    from train import glue
+
+    common = dict(vocab_size=157, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96,
+                  max_position_embeddings=40)
+    transformers.BertForMaskedLM(transformers.BertConfig(**common)).save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ["a"] * 152))
+    src = glue.load_model_source(tmp_path)
+    assert src.kind == "hf" and src.build(3).num_labels == 3  # cls.* unused, classifier + pooler new: fine
+    for info, word in (({"missing_keys": ["bert.encoder.layer.0.output.dense.weight"]}, "missing from"),
+                       ({"mismatched_keys": [("bert.embeddings.word_embeddings.weight", (1,), (2,))]}, "another shape"),
+                       ({"unexpected_keys": ["bert.encoder.layer.5.output.dense.weight"]}, "unused from")):
+        with pytest.raises(ValueError, match=word):
+            glue.check_hf_loading_info(info, "ckpt")
+    model = src.build(2)
+    state = {k: v for k, v in model.state_dict().items() if "layer.0.intermediate" not in k}
+    with pytest.raises(RuntimeError, match="layer.0.intermediate.dense"):
+        glue._load_encoder_from(src.build(2), state)

@@ -81,24 +81,21 @@ MLM_HEADS = {
 MLM_LOGITS = ("labelled", "full", "none")
 
 
-def _bind(model: nn.Module, args, kwargs) -> dict:
-    """The call's arguments by name, per the signature of the class's own ``forward``."""
-    sig = inspect.signature(type(model).forward)
-    bound = sig.bind(model, *args, **kwargs)
-    named = {k: v for k, v in bound.arguments.items() if k != "self"}
-    for name, p in sig.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(named.pop(name, {}))
-    return named
-
-
 def replace_forward(model: nn.Module, impl: Callable) -> None:
     """``model.forward = impl`` bound to this instance. The bound method reports the signature of the class's
     own ``forward`` (callers such as sentence-transformers read it to choose the arguments they pass), and a
     ``copy.deepcopy`` of the model is bound to the copy."""
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
-        return impl(self, *args, **kwargs)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+        for name in names[:len(args)]:
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
+        return impl(self, **dict(zip(names, args)), **kwargs)  # arguments by name: the class's own order
     forward.__doc__ = impl.__doc__
     model.forward = types.MethodType(forward, model)
 
@@ -108,12 +105,11 @@ def _flag(model: nn.Module, kw: dict, name: str, default=False):
     return getattr(model.config, name, default) if v is None else v
 
 
-def _mlm_forward(self, *args, **kwargs):
+def _mlm_forward(self, **kw):
     """``*ForMaskedLM.forward`` with the sparse MLM loss (see the module docstring for ``logits``)."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     head, mode, unpadded = self._fastbert_mlm
-    kw = _bind(self, args, kwargs)
     labels = kw.pop("labels", None)
     return_dict = _flag(self, kw, "return_dict", True)
     base = getattr(self, head.base)
@@ -258,11 +254,10 @@ def encode(base: nn.Module, input_ids=None, attention_mask=None, token_type_ids=
     return Encoded(x, layout, hidden)
 
 
-def _encoder_forward(self, *args, **kwargs):
+def _encoder_forward(self, **kw):
     """The base model's ``forward``, unpadded (see the module docstring)."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    kw = _bind(self, args, kwargs)
     return_dict = _flag(self, kw, "return_dict", True)
     want_hidden = bool(_flag(self, kw, "output_hidden_states"))
     enc = encode(self, want_hidden=want_hidden, **kw)

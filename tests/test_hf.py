@@ -299,6 +299,9 @@ def test_state_dict_save_load_and_optimizer(tmp_path):
     keys = list(model.state_dict())
     apply_fastbert(model, unpad=True)
     assert list(model.state_dict()) == keys
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # the unpadded layers honour it
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
     for m, o in ((model, opt), (ref, torch.optim.SGD(ref.parameters(), lr=0.5))):
         m.train()
         m(**batch).loss.backward()
@@ -310,6 +313,10 @@ def test_state_dict_save_load_and_optimizer(tmp_path):
     with torch.no_grad():
         a, b = model(**batch), loaded(**batch)
     assert_close(a.loss, b.loss, peer=b.loss, name="loss after save/from_pretrained")
+    fb_attn = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation="fastbert").eval()
+    assert fb_attn.config._attn_implementation == "fastbert"
+    with torch.no_grad():
+        assert_close(fb_attn(**batch).loss, b.loss, peer=b.loss, name="from_pretrained(attn_implementation='fastbert')")
     again = apply_fastbert(transformers.BertForMaskedLM.from_pretrained(tmp_path), unpad=True).eval()
     with torch.inference_mode():  # inference tensors carry no version counter: nothing may cache on it
         assert torch.equal(again(**batch).loss, a.loss) and torch.equal(again(**batch).loss, a.loss)

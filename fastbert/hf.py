@@ -33,7 +33,6 @@ import weakref
 from typing import Callable, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastbert import ops as _ops
@@ -281,8 +280,8 @@ def fastbert_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     B, H, S, D = query.shape
     window = sliding_window - 1 if sliding_window is not None else None
     handoff = _handoff(query, key, value, attention_mask, dropout, kwargs)
-    layout = None if handoff and attention_mask is not None and attention_mask.dim() != 2 else \
-        varlen_for(attention_mask, B, S, query.device, kwargs)
+    custom_mask = attention_mask is not None and attention_mask.dim() != 2  # (always handed off)
+    layout = None if custom_mask else varlen_for(attention_mask, B, S, query.device, kwargs)
     if window is not None and layout is not None and layout.max_seqlen <= window + 1:
         window = None  # every key of every sequence is inside the window
     extra = {}

@@ -62,7 +62,7 @@ def _batch(family, B=4, S=11):
     ids[mask == 0] = 1 if "roberta" in family else 0
     labels = torch.full_like(ids, -100)
     labels[0, [0, 4, S - 1]] = torch.randint(0, V, (3,))
-    labels[1, 5] = 7
+    labels[1, min(5, S - 1)] = 7
     labels[2, 0] = 3
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
@@ -367,3 +367,22 @@ def test_sentence_transformers_same_embeddings(tmp_path):
     assert encoder[0].auto_model.fastbert_patch["unpad"]
     got = encoder.encode(sentences, convert_to_tensor=True)
     assert_close(got, ref, peer=ref, name="sentence embeddings")
+
+
+def test_modernbert_local_layers_path(caplog):
+    """ModernBERT's local (sliding-window) layers: on the kernels' window when the attention op has one,
+    else on SDPA with a one-time warning (and the patch summary says so); sequences no longer than the
+    window never need it."""
+    caplog.set_level(logging.WARNING, logger="fastbert")
+    hf._warned.clear()
+    model = _mlm("modernbert")
+    summary = apply_fastbert(model, return_summary=True)[1]
+    short = _batch("modernbert", S=5)  # window 4 either side: every key of a 5-token sequence is inside
+    long = _batch("modernbert", S=11)
+    with torch.no_grad():
+        model(**short)
+        assert "sliding window" not in caplog.text
+        model(**long)
+    said = any("sliding-window" in s for s in summary["skipped"])
+    assert said == (not hf.WINDOW_SUPPORTED)
+    assert ("sliding window of 4 tokens" in caplog.text) == (not hf.WINDOW_SUPPORTED)

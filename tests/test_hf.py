@@ -329,7 +329,7 @@ def test_state_dict_save_load_and_optimizer(tmp_path):
         assert torch.equal(again(**batch).loss, a.loss) and torch.equal(again(**batch).loss, a.loss)
 
 
-@pytest.mark.parametrize("way", ["attn", "unpad"])
+@pytest.mark.parametrize("way", ["attn", "patch", "unpad"])
 def test_compile_fullgraph_traces(way):
     """torch.compile(fullgraph=True) traces the patched model, forward and backward (aot_eager: the graph
     capture is what is tested; no inductor build on CPU)."""

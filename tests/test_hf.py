@@ -273,15 +273,16 @@ def test_masked_lm_output_contract():
     batch = _batch("bert")
     with torch.no_grad():
         ref = model(**batch)
-    ours = apply_fastbert(copy.deepcopy(model), unpad=True)
-    with torch.no_grad():
-        loss, logits = ours(**batch, return_dict=False)
-        bare = ours(batch["input_ids"], batch["attention_mask"], return_dict=False)
     labelled = batch["labels"] != -100
-    assert logits.shape == (int(labelled.sum()), V)
-    assert_close(logits, ref.logits[labelled], peer=ref.logits[labelled], name="labelled logits")
-    assert_close(loss, ref.loss, peer=ref.loss, name="loss")
-    assert len(bare) == 1 and bare[0].shape == ref.logits.shape  # no labels: full logits, HF's shape
+    for unpad in (False, True):
+        ours = apply_fastbert(copy.deepcopy(model), **({"unpad": True} if unpad else {}))
+        with torch.no_grad():
+            loss, logits = ours(**batch, return_dict=False)
+            bare = ours(batch["input_ids"], batch["attention_mask"], return_dict=False)
+        assert logits.shape == (int(labelled.sum()), V)
+        assert_close(logits, ref.logits[labelled], peer=ref.logits[labelled], name="labelled logits")
+        assert_close(loss, ref.loss, peer=ref.loss, name="loss")
+        assert len(bare) == 1 and bare[0].shape == ref.logits.shape  # no labels: full logits, HF's shape
     full = apply_fastbert(copy.deepcopy(model), mlm_logits="full")
     with torch.no_grad():
         out = full(**batch)

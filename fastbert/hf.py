@@ -19,14 +19,12 @@ What the kernel cannot do is never silently wrong:
 * refused with ``ValueError``: causal / decoder attention, cross-attention, a KV cache, custom mask patterns
   (``or_mask_function`` / ``and_mask_function``, flex ``BlockMask``);
 * handed to PyTorch SDPA with a one-time warning naming why: attention dropout while training, head dims
-  the kernels lack, a 4-D custom mask, different key/value head counts, a sliding window the kernels
-  cannot apply (ModernBERT's local layers, when a sequence is longer than the window);
+  the kernels lack, a 4-D custom mask, different key/value head counts;
 * handed to the model's eager attention with a one-time warning: ``output_attentions=True`` (only eager
   forms the attention probabilities).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import weakref
@@ -41,8 +39,6 @@ from fastbert.ops import _checks
 logger = logging.getLogger("fastbert")
 
 NAME = "fastbert"
-# The attention op grows a (left, right) window in issue 19; until then local layers go to SDPA.
-WINDOW_SUPPORTED = "window_size" in inspect.signature(_ops.flash_attn_varlen_alibi).parameters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +262,8 @@ def fastbert_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
         attention_mask: ``[B, S]`` bool (True = real token) from :func:`fastbert_mask`, or None.
         dropout: attention dropout probability (non-zero only in training: handed to SDPA).
         scaling: softmax scale (default ``D ** -0.5``).
-        sliding_window: FlashAttention's convention: keys within ``sliding_window - 1`` positions either side.
+        sliding_window: FlashAttention's convention: keys within ``sliding_window - 1`` positions either side
+            (ModernBERT's local layers), the op's ``window_size``.
         kwargs: ``position_ids`` / ``cu_seq_lens_q`` / ``max_length_q`` for padding-free batches.
     Returns:
         ``(out [B, S, heads, D] in query.dtype (zeros at pads), None)``; the model's eager function's output
@@ -284,20 +281,13 @@ def fastbert_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     layout = None if custom_mask else varlen_for(attention_mask, B, S, query.device, kwargs)
     if window is not None and layout is not None and layout.max_seqlen <= window + 1:
         window = None  # every key of every sequence is inside the window
-    extra = {}
-    if window is not None and handoff is None:
-        if WINDOW_SUPPORTED:
-            extra["window_size"] = (window, window)
-        else:
-            handoff = ("sdpa", f"a sliding window of {window} tokens either side over sequences of up to "
-                               f"{layout.max_seqlen} (the fastbert attention kernels have no window yet)")
     if handoff is not None:
         _warn_once(handoff[1], handoff[0])
         return _run_elsewhere(handoff[0], module, query, key, value, layout, attention_mask, window, dropout,
                               scaling, kwargs)
     q, k, v = (layout.gather(t.transpose(1, 2)) for t in (query, key, value))  # [T, heads, D]
     out = _ops.flash_attn_varlen_alibi(q, k, v, layout.cu_seqlens, layout.max_seqlen, softmax_scale=scaling,
-                                       **extra)
+                                       window_size=(window, window) if window is not None else (-1, -1))
     return layout.scatter(out), None
 
 
@@ -332,5 +322,4 @@ def register(name: str = NAME) -> str:
 
 register()
 
-__all__ = ["register", "fastbert_attention_forward", "fastbert_mask", "Varlen", "varlen_for", "NAME",
-           "WINDOW_SUPPORTED"]
+__all__ = ["register", "fastbert_attention_forward", "fastbert_mask", "Varlen", "varlen_for", "NAME"]

@@ -193,7 +193,7 @@ def apply_fastbert(model: nn.Module, layer_norm: bool = True, mlp: bool = True, 
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, fnn.LayerNorm.from_torch(mod))
                 summary["layer_norm"] += 1
     if attention:
-        _set_attention(model, family, summary)
+        _set_attention(model, summary)
     if unpad:
         hf_unpad.patch_unpadded_encoder(model, family)
         summary["unpad"] = True
@@ -208,7 +208,7 @@ def apply_fastbert(model: nn.Module, layer_norm: bool = True, mlp: bool = True, 
     return (model, summary) if return_summary else model
 
 
-def _set_attention(model: nn.Module, family: str, summary: Dict[str, Any]) -> None:
+def _set_attention(model: nn.Module, summary: Dict[str, Any]) -> None:
     from fastbert import hf
 
     can = getattr(model, "_can_set_attn_implementation", None)
@@ -218,9 +218,6 @@ def _set_attention(model: nn.Module, family: str, summary: Dict[str, Any]) -> No
         return
     model.set_attn_implementation(hf.register())
     summary["attention"] = hf.NAME
-    if family == "modernbert" and not hf.WINDOW_SUPPORTED:
-        summary["skipped"].append("ModernBERT local (sliding-window) layers: sequences longer than the window run "
-                                  "on SDPA (the fastbert attention kernels have no window yet)")
 
 
 # ----------------------------------------------------------------------------------------------

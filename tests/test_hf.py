@@ -251,6 +251,17 @@ def test_handoffs_warn_once_and_match(caplog):
         got = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     assert len(got) == 2 and all(torch.allclose(g, r, atol=1e-6) for g, r in zip(got, ref))
     assert "output_attentions=True" in caplog.text and "run on eager" in caplog.text
+    # ... with ModernBERT's sliding window rebuilt in the dense mask (real query rows; pad rows are meaningless)
+    modern = _mlm("modernbert").model
+    modern.set_attn_implementation("eager")
+    b = _batch("modernbert", S=11)
+    with torch.no_grad():
+        ref = modern(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_attentions=True).attentions
+        modern.set_attn_implementation(hf.register())
+        got = modern(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_attentions=True).attentions
+    real = b["attention_mask"].bool()
+    assert len(got) == 3 and all(torch.allclose(g.transpose(1, 2)[real], r.transpose(1, 2)[real], atol=1e-6)
+                                 for g, r in zip(got, ref))
     # attention dropout while training -> SDPA with dropout (same random stream as HF's SDPA)
     drop = transformers.BertModel(_config("bert", attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.0)).train()
     drop.set_attn_implementation("sdpa")
@@ -370,20 +381,22 @@ def test_sentence_transformers_same_embeddings(tmp_path):
     assert_close(got, ref, peer=ref, name="sentence embeddings")
 
 
-def test_modernbert_local_layers_path(caplog):
-    """ModernBERT's local (sliding-window) layers: on the kernels' window when the attention op has one,
-    else on SDPA with a one-time warning (and the patch summary says so); sequences no longer than the
-    window never need it."""
+def test_modernbert_local_layers_path(monkeypatch, caplog):
+    """ModernBERT's local (sliding-window) layers run on the kernels' window (HF's sliding_window 5 is 4 keys
+    either side), global layers without one, and sequences no longer than the window need none; no hand-off."""
     caplog.set_level(logging.WARNING, logger="fastbert")
     hf._warned.clear()
-    model = _mlm("modernbert")
-    summary = apply_fastbert(model, return_summary=True)[1]
-    short = _batch("modernbert", S=5)  # window 4 either side: every key of a 5-token sequence is inside
-    long = _batch("modernbert", S=11)
+    windows = []
+    real = fastbert.ops.flash_attn_varlen_alibi
+
+    def spy(*args, window_size=(-1, -1), **kw):
+        windows.append(tuple(window_size))
+        return real(*args, window_size=window_size, **kw)
+    monkeypatch.setattr(fastbert.ops, "flash_attn_varlen_alibi", spy)
+    model = apply_fastbert(_mlm("modernbert"))
     with torch.no_grad():
-        model(**short)
-        assert "sliding window" not in caplog.text
-        model(**long)
-    said = any("sliding-window" in s for s in summary["skipped"])
-    assert said == (not hf.WINDOW_SUPPORTED)
-    assert ("sliding window of 4 tokens" in caplog.text) == (not hf.WINDOW_SUPPORTED)
+        model(**_batch("modernbert", S=11))
+        assert windows == [(-1, -1), (4, 4), (-1, -1)]
+        model(**_batch("modernbert", S=5))  # every key of a 5-token sequence is inside the window
+        assert windows[3:] == [(-1, -1)] * 3
+    assert "fastbert" not in caplog.text

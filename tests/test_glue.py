@@ -73,8 +73,9 @@ def test_overrides_and_precedence():
     assert s["mnli"]["lr"] == 5e-5 and s["mnli"]["epochs"] == 3  # other tasks keep the recipe
     assert s["cola"]["seeds"] == [19]  # global seeds=1 beats CoLA's 5
     assert s["mrpc"]["seeds"] == [3, 5, 7]  # a task override beats the global one
-    assert s["mnli"]["max_seq_len"] == 256 and s["cola"]["batch_size"] == 16 and s["mnli"]["batch_size"] == 32
-    assert glue.resolve_settings(["stsb"], None)["stsb"]["seeds"] == [19, 20, 21, 22, 23]
+    assert s["mnli"]["max_seq_len"] == 256 and s["cola"]["batch_size"] == 32 and s["mnli"]["batch_size"] == 48
+    assert glue.resolve_settings(["stsb"], None)["stsb"]["seeds"] == [19, 8364, 717, 10536, 90166]
+    assert glue.resolve_settings(["stsb"], {"seeds": 2})["stsb"]["seeds"] == [19, 20]  # a count: seed, seed+1
 
 
 @pytest.mark.parametrize("bad,match", [

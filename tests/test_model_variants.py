@@ -54,7 +54,8 @@ def reference_encoder(model, ids, mask):
         ang = pos / 10000 ** (2 * i / H)
         pe = torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).reshape(S, H)  # sin even, cos odd columns
         x = x + e.position_scale * pe
-    x = _ln(x, e.norm)
+    if c.embedding_layer_norm:
+        x = _ln(x, e.norm)
     bias = torch.zeros(B, nh, S, S, dtype=x.dtype)
     bias = bias.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
     if c.position_embedding_type == "alibi":
@@ -102,8 +103,9 @@ VARIANTS = {
     "pre-ln bias-free, headless decoder (Cramming)": dict(
         layer_norm_position="pre", linear_bias=False, mlm_head_transform=False, mlm_decoder_bias=False,
         position_embedding_type="sinusoidal"),
-    "pre-ln, learned positions, GELU MLP, padded attention (24hBERT layout)": dict(
-        layer_norm_position="pre", position_embedding_type="learned", mlp_type="mlp", attention_impl="padded_sdpa"),
+    "pre-ln, no embedding LayerNorm, learned positions, GELU MLP, padded attention (24hBERT layout)": dict(
+        layer_norm_position="pre", position_embedding_type="learned", mlp_type="mlp", attention_impl="padded_sdpa",
+        embedding_layer_norm=False),
 }
 
 

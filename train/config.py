@@ -44,6 +44,9 @@ def expand_path(p: str) -> str:
 class ModelSection:
     preset: str = "tiny"                     # a BertConfig preset: tiny, mini, base, large (+ "-baseline")
     overrides: Dict[str, Any] = field(default_factory=dict)  # BertConfig fields, e.g. {hidden_size: 256}
+    # BertConfig fields GLUE finetuning applies to this checkpoint (saved in its config.json), e.g. dropout
+    # back on for a recipe that pretrains without it (Cramming)
+    finetune_overrides: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,6 +142,10 @@ class PretrainConfig:
             raise ValueError(f"batch_size_ramp: expected a fraction of the budget in [0, 1), got {self.batch_size_ramp}")
         from .packing import check_mode
         check_mode(self.data.sequence_mode)
+        from fastbert.models import BertConfig
+        unknown = sorted(set(self.model.finetune_overrides) - {f.name for f in dataclasses.fields(BertConfig)})
+        if unknown:
+            raise ValueError(f"model.finetune_overrides: unknown BertConfig field(s) {unknown}")
         if len(self.optim.betas) != 2:
             raise ValueError(f"optim.betas: expected two values, got {self.optim.betas}")
         if self.precision not in ("auto", "bf16", "fp32"):

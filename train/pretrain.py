@@ -307,6 +307,8 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the model's max_position_embeddings "
                          f"{mcfg.max_position_embeddings}")
     mcfg.extra = {**mcfg.extra, "tokenizer": tok.fingerprint, "pretrain_max_len": cfg.data.max_len}
+    if cfg.model.finetune_overrides:  # read by train.glue when it builds a classifier on this checkpoint
+        mcfg.extra["finetune_overrides"] = dict(cfg.model.finetune_overrides)
     raw_model = BertForMaskedLM(mcfg).to(device)
     n_params = raw_model.num_parameters()
     optimizer = build_optimizer(raw_model, cfg, device)

@@ -151,7 +151,7 @@ class BertEmbeddings(nn.Module):
         elif config.position_embedding_type == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_positions(config.max_position_embeddings, H), persistent=False)
             self.position_scale = nn.Parameter(torch.tensor([H ** -0.5]))
-        self.norm = make_layer_norm(config)
+        self.norm = make_layer_norm(config) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
@@ -164,7 +164,7 @@ class BertEmbeddings(nn.Module):
             emb = emb + self.position_embeddings.weight[: input_ids.shape[1]]
         elif hasattr(self, "position_scale"):
             emb = emb + self.position_scale * self.sinusoid[: input_ids.shape[1]]
-        return self.dropout(self.norm(emb))
+        return self.dropout(emb if self.norm is None else self.norm(emb))
 
 
 def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:

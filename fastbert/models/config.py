@@ -63,6 +63,8 @@ class BertConfig:
         mlm_head_transform: the MLM head's ``dense -> GELU -> LayerNorm`` before the decoder (False: the
             decoder reads the encoder output directly, Cramming's ``skip_head_transform``).
         mlm_decoder_bias: the decoder's own bias ``head.bias`` (False: Cramming's ``decoder_bias: False``).
+        embedding_layer_norm: LayerNorm on the embedding sum (False: 24hBERT's default
+            ``layernorm_embedding=False``; with pre-LN the first layer normalises its input anyway).
         mlm_head: ``"sparse"`` (only labelled rows reach the vocabulary projection; MosaicBERT, 24hBERT,
             Cramming) or ``"dense"`` (every position of the padded batch is projected and scored, as
             Hugging Face's ``BertForMaskedLM``: the classic baseline).
@@ -94,6 +96,7 @@ class BertConfig:
     mlm_head_transform: bool = True
     mlm_decoder_bias: bool = True
     mlm_head: str = "sparse"
+    embedding_layer_norm: bool = True
     fp32_layer_norm: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used)
 
@@ -112,7 +115,7 @@ class BertConfig:
                               ("layer_norm_position", _LN_POSITIONS), ("mlm_head", _MLM_HEADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("linear_bias", "mlm_head_transform", "mlm_decoder_bias", "fp32_layer_norm"):
+        for name in ("linear_bias", "mlm_head_transform", "mlm_decoder_bias", "fp32_layer_norm", "embedding_layer_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:

@@ -57,7 +57,7 @@ class ShardReader:
         self.position += global_n
         if not self._warned and (self.position - 1) // len(self.ds) >= 1:
             self._warned = True
-            self.log(pass_warning(self.describe(), f"{len(self.ds):,} sequences",
+            self.log(pass_warning("cached shards", f"{len(self.ds):,} sequences, {self.ds.n_tokens:,} tokens",
                                   f"after {self.position - global_n:,} sequences"))
         return [self.ds[int(i)] for i in idx]
 
@@ -117,6 +117,7 @@ def open_document_stream(source: Source, text_field: str = "text", max_documents
 class _Chunk:
     seqs: List[np.ndarray]
     start: Dict[str, Any]            # the reader state at this chunk's first sequence
+    n_docs: int = 0                  # documents the chunk was made of
     pass_docs: Optional[int] = None  # documents in one pass (this rank), once known
 
 
@@ -191,7 +192,7 @@ class StreamReader:
             order = np.random.default_rng([self.seed, self.rank, p, c]).permutation(len(arrs))
             c, docs, seqs = c + 1, docs + len(batch), seqs + len(arrs)
             if arrs:
-                yield _Chunk([arrs[i] for i in order], st, pass_docs)
+                yield _Chunk([arrs[i] for i in order], st, len(batch), pass_docs)
 
     def _open(self, pass_index: int, ds_state):
         ds = self.open_fn()
@@ -253,7 +254,7 @@ class StreamReader:
                 if self._cur.start["pass"] >= 1 and not self._warned:
                     self._warned = True
                     size = f"{self._pass_docs:,} documents on this rank" if self._pass_docs else "size unknown"
-                    self.log(pass_warning(self.describe(), size, f"at stream chunk {self._cur.start['chunk']}"))
+                    self.log(pass_warning(f"stream {self.name}", size, f"at stream chunk {self._cur.start['chunk']}"))
             k = min(n - len(out), len(self._cur.seqs) - self._off)
             out.extend(self._cur.seqs[self._off:self._off + k])
             self._off += k
@@ -271,11 +272,15 @@ class StreamReader:
         self._pass_docs = self._pass_docs or state.get("pass_docs")
 
     def progress(self) -> Dict[str, Any]:
-        """``data_pass`` (1-based), ``documents_read`` in this pass on this rank (at chunk granularity) and
-        ``passes`` (float; None while the size of a pass is unknown)."""
+        """``data_pass`` (1-based), ``documents_read`` in this pass on this rank (the current chunk's
+        documents counted by the share of its sequences used) and ``passes`` (float; None while the size of
+        a pass is unknown: C4 does not say it in a stream)."""
         st = self._cur.start if self._cur is not None else self._start
-        passes = st["pass"] + st["docs"] / self._pass_docs if self._pass_docs else None
-        return {"data_pass": st["pass"] + 1, "documents_read": st["docs"], "passes": passes}
+        docs = float(st["docs"])
+        if self._cur is not None and self._cur.seqs:
+            docs += self._cur.n_docs * self._off / len(self._cur.seqs)
+        passes = st["pass"] + docs / self._pass_docs if self._pass_docs else None
+        return {"data_pass": st["pass"] + 1, "documents_read": round(docs), "passes": passes}
 
     def describe(self) -> str:
         return f"{self.name} (streamed, tokenized on the fly, sequence_mode={self.mode})"

@@ -183,7 +183,7 @@ def test_qqp_qnli_fixtures_run_and_report_skips(fixture_ckpt, tmp_path):
 
 
 @needs_real
-def test_end_to_end_sst2_rte_real_data(tmp_path):
+def test_end_to_end_sst2_rte_real_data(tmp_path, capsys):
     """The issue's acceptance run: a tiny random fastbert checkpoint finetuned on SST-2 and RTE subsets."""
     ckpt = _fastbert_ckpt(tmp_path / "ckpt", REAL_VOCAB)
     out = tmp_path / "glue"
@@ -195,6 +195,8 @@ def test_end_to_end_sst2_rte_real_data(tmp_path):
         assert r["seeds"][0]["eval_examples"] == {"dev": 40}
     assert res["tasks"]["rte"]["num_seeds"] == 2 and res["model_kind"] == "fastbert"
     assert (out / "results.json").is_file() and "| sst2 |" in (out / "results.md").read_text()
+    assert capsys.readouterr().err.count("WARNING: rte starts from the pretrained encoder") == 1  # no MNLI ran
+    assert res["glue_score_mosaicbert"] is not None and "MNLI-m" in res["score_definitions"]["mosaicbert"]
 
 
 def test_hugging_face_checkpoint(tmp_path):

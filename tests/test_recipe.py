@@ -191,3 +191,26 @@ def test_mnli_warning_names_the_reason():
     assert "MNLI did not run" in glue.mnli_warning("rte", True)
     assert "init_from_mnli=false" in glue.mnli_warning("mrpc", False)
     assert "not comparable with the paper" in glue.mnli_warning("stsb", True)
+
+
+def test_finetune_overrides_turn_dropout_back_on(tmp_path):
+    """Cramming pretrains without dropout; its checkpoint asks GLUE finetuning to switch it back on."""
+    from fastbert.models import BertConfig, BertForMaskedLM
+    cfg = BertConfig.preset("tiny", vocab_size=64, hidden_dropout_prob=0.0, layer_norm_position="pre",
+                            extra={"finetune_overrides": {"hidden_dropout_prob": 0.1,
+                                                          "attention_probs_dropout_prob": 0.1,
+                                                          "attention_impl": "padded_sdpa"}})
+    BertForMaskedLM(cfg).save_pretrained(str(tmp_path))
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]) + "\n")
+    src = glue.load_model_source(tmp_path)
+    clf = src.build(3)
+    c = clf.config
+    assert (c.hidden_dropout_prob, c.attention_probs_dropout_prob, c.attention_impl) == (0.1, 0.1, "padded_sdpa")
+    assert clf.dropout.p == 0.1 and c.layer_norm_position == "pre" and c.num_labels == 3
+    # the pretraining config checks them (tests/test_recipe_runs.py: they reach final/config.json)
+    pc = PretrainConfig(max_steps=1)
+    pc.model.finetune_overrides = {"hidden_dropout_prob": 0.1}
+    pc.validate()
+    pc.model.finetune_overrides = {"hiden_dropout": 0.1}
+    with pytest.raises(ValueError, match="finetune_overrides: unknown BertConfig field"):
+        pc.validate()

@@ -78,7 +78,7 @@ def test_mini_model_trains_without_nan(corpus, tmp_path, layout):
                    "optim.warmup": 0.75, "optim.initial_lr_ratio": 0.25, "optim.final_lr_ratio": 0.0,
                    "optim.grad_clip": 0.5, "batch_size_ramp": 0.5, "global_batch_size": 16, "micro_batch_size": 4,
                    "model.preset": "tiny", "model.overrides.hidden_size": 64, "model.overrides.intermediate_size": 128,
-                   "max_steps": 14})
+                   "max_steps": 14, "model.finetune_overrides.hidden_dropout_prob": 0.1})
     out = tmp_path / layout
     assert main(overrides(corpus, out, **kw)) == 0
     r = rows(out)
@@ -90,3 +90,5 @@ def test_mini_model_trains_without_nan(corpus, tmp_path, layout):
     if layout == "cramming":
         assert [r[s]["batch_size"] for s in (1, 4, 8, 14)] == [4, 12, 16, 16]  # min(int(x / 0.5 * 16 / 4) * 4 + 4, 16)
         assert r[1]["lr"] == pytest.approx(2e-3 * (0.25 + 1 / 14))  # triangle at the fraction step 1 ends at
+        saved = json.loads((out / "final" / "config.json").read_text())
+        assert saved["extra"]["finetune_overrides"] == {"hidden_dropout_prob": 0.1} and saved["linear_bias"] is False

@@ -282,9 +282,9 @@ class BertMLMHead(nn.Module):
         """Classic BERT's loss: logits ``[N, padded_vocab]`` for every row of ``h`` ``[N, H]`` (labelled or
         not), then fp32 cross-entropy over the rows whose label is not -100 (0 when there are none)."""
         logits = F.linear(h, weight.to(h.dtype), None if self.bias is None else self.bias.to(h.dtype))
-        if not bool((labels != self.loss_fn.ignore_index).any()):
-            return logits.float().sum() * 0.0
-        return F.cross_entropy(logits.float(), labels, ignore_index=self.loss_fn.ignore_index)
+        ignore = self.loss_fn.ignore_index
+        total = F.cross_entropy(logits.float(), labels, ignore_index=ignore, reduction="sum")
+        return total / (labels != ignore).sum().clamp(min=1)  # no host sync; no labels -> 0, not NaN
 
 
 # ----------------------------------------------------------------------------------------------

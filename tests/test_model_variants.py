@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.models import BertConfig, BertForMaskedLM
-from fastbert.models.bert import Fp32LayerNorm, sinusoidal_positions
+from fastbert.models.components import Fp32LayerNorm, sinusoidal_positions
 
 V = 97
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=V,

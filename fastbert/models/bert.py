@@ -175,14 +175,15 @@ class BertLayer(nn.Module):
     precede it (pre-LN).
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer_idx: int = 0):
         super().__init__()
         H = config.hidden_size
         self.pre_ln = config.layer_norm_position == "pre"
         self.attention = fnn.AlibiSelfAttention(H, config.num_attention_heads,
                                                 alibi=config.position_embedding_type == "alibi",
                                                 attention_dropout=config.attention_probs_dropout_prob,
-                                                bias=config.linear_bias)
+                                                bias=config.linear_bias,
+                                                window_size=config.attention_window(layer_idx))
         self.attention_norm = make_layer_norm(config)
         self.mlp = fnn.GatedMLP(H, config.intermediate_size, gated=config.mlp_type == "glu",
                                 approximate=config.gelu_approximate, bias=config.linear_bias)
@@ -410,7 +411,7 @@ class BertModel(BertPreTrainedModel):
     def __init__(self, config: BertConfig, add_pooling_layer: bool = False, _init: bool = True):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
         # Pre-LN leaves the residual stream unnormalised: the last layer's output needs its own LayerNorm.
         self.final_norm = make_layer_norm(config) if config.layer_norm_position == "pre" else None
         self.pooler = BertPooler(config) if add_pooling_layer else None

@@ -25,7 +25,8 @@ HAS_GPU = torch.cuda.is_available()
 _no_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
 BACKENDS = [pytest.param("torch"), pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx),
             pytest.param("cuda", marks=pytest.mark.gpu)]
-ROW_KERNELS = [pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx), pytest.param("cuda", marks=pytest.mark.gpu)]
+ROW_KERNELS = [pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx),
+               pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _device(backend):

@@ -104,7 +104,8 @@ def sparse_mlm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Option
     b = bias.contiguous() if bias is not None else None
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if max_labelled is not None and (isinstance(max_labelled, bool) or not isinstance(max_labelled, (int, torch.SymInt))
+    if max_labelled is not None and (isinstance(max_labelled, bool)
+                                     or not isinstance(max_labelled, (int, torch.SymInt))  # SymInt: compiled
                                      or (isinstance(max_labelled, int) and max_labelled < 0)):
         raise ValueError(f"max_labelled: expected a non-negative int or None, got {max_labelled!r}")
     backend = pick("sparse_mlm_loss_fwd", dev, hidden.dtype, h2, lab, w, b, int(ignore_index), compute_grad,

@@ -149,7 +149,23 @@ __device__ __forceinline__ void ln_write_partial(const float (&acc)[NV][VEC], fl
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int col = (k * tpr + threadIdx.x) * VEC;
-    if (col < N) store_f32<VEC>(comb + threadIdx.y * N + col, acc[k]);
+    if (col >= N) continue;
+    if constexpr (VEC == 8) {
+      // 32 bytes per lane: lanes 4-7 of each 8-lane phase of a 16-byte store would hit the banks of lanes
+      // 0-3 (2-way conflict); they store their two halves in the other order, which fills the other banks.
+      const int sw = (threadIdx.x >> 2) & 1;
+      Pack<float, 4> lo, hi;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        lo.v[i] = sw ? acc[k][4 + i] : acc[k][i];
+        hi.v[i] = sw ? acc[k][i] : acc[k][4 + i];
+      }
+      Pack<float, 4>* dst = reinterpret_cast<Pack<float, 4>*>(comb + threadIdx.y * N + col);
+      dst[sw] = lo;
+      dst[sw ^ 1] = hi;
+    } else {
+      store_f32<VEC>(comb + threadIdx.y * N + col, acc[k]);
+    }
   }
   __syncthreads();
   for (int c = threadIdx.y * tpr + threadIdx.x; c < N; c += R * tpr) {

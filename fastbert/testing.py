@@ -27,11 +27,13 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 # The floor, in units of eps(output dtype) * max|ref|. bf16/fp16 outputs are computed in fp32 and rounded
 # once, so a correct kernel is within half an ulp plus a little: one ulp of the largest element covers it
-# whatever the peer's luck. fp32 outputs come out of fp32 reductions over hundreds of terms whose error,
-# with a different (equally valid) summation order than PyTorch's, reached 5 ulps of the largest element
-# (the LayerNorm dweight of test_layer_norm_many_partials over 2000 seeds). Calibrated by sweeping the
-# kernel tests over many seeds (DEVELOPERS.md, "Tolerances").
-FLOOR_ULPS = {torch.float16: 1.0, torch.bfloat16: 1.0, torch.float32: 8.0, torch.float64: 8.0}
+# whatever the peer's luck. fp32 outputs come out of fp32 reductions whose error, with a different (equally
+# valid) summation order than PyTorch's, is a few ulps of the largest element: the LayerNorm dweight of
+# test_layer_norm_many_partials (300 rows) reached 2.4 ulps over 2000 seeds with 8 partial rows of ~38
+# rows each. The kernel it replaced summed 64 partial rows in one sequential chain (each addition rounding
+# at the output's magnitude) and reached 5 ulps, 45 of 500 seeds over "3x PyTorch": that was a kernel to
+# fix, not a floor to raise (DEVELOPERS.md, the tolerance rule).
+FLOOR_ULPS = {torch.float16: 1.0, torch.bfloat16: 1.0, torch.float32: 4.0, torch.float64: 4.0}
 
 
 def tolerance(ref: torch.Tensor, peer: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 2.0,
@@ -45,9 +47,13 @@ def tolerance(ref: torch.Tensor, peer: Optional[torch.Tensor], dtype: torch.dtyp
     ref64 = ref.double()
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     scale = ref64.abs().max() if ref64.numel() else ref64.new_zeros(())
-    bound = FLOOR_ULPS.get(dtype, 8.0) * eps * scale + atol_floor
+    bound = FLOOR_ULPS.get(dtype, 4.0) * eps * scale + atol_floor
     if peer is not None:
-        bound = bound + factor * (peer.double() - ref64).abs().max() if peer.numel() else bound
+        # PyTorch overflowing (inf/nan) where the reference is finite must not make the rule vacuous: the
+        # peer's error is taken over the positions where both are finite.
+        perr = (peer.double() - ref64).abs()
+        perr = perr[torch.isfinite(perr)]
+        bound = bound + factor * perr.max() if perr.numel() else bound
     else:
         bound = bound + eps * ref64.abs()
     return bound.expand_as(ref64) if bound.dim() == 0 else bound
@@ -58,19 +64,34 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, peer: Optional[torch.Tens
     """Assert ``out`` matches ``ref`` within the tolerance rule; reports the worst element on failure."""
     if out.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    o = out.double()
-    if not torch.isfinite(o).all():
-        bad = (~torch.isfinite(o)).nonzero()[:5].tolist()
-        raise AssertionError(f"{name}: non-finite values (unwritten or overflow) at {bad}")
+    o, r = out.double(), ref.double()
+    o_fin, r_fin = torch.isfinite(o), torch.isfinite(r)
+    if not (o_fin.all() and r_fin.all()):
+        # A non-finite value passes only where the reference holds the same one (inf of the same sign, or
+        # nan); anything else fails, whichever side is non-finite (a nan reference compared "within
+        # tolerance" of any output used to pass: every comparison with nan is False).
+        same = (o == r) | (o.isnan() & r.isnan())
+        bad = ((~o_fin | ~r_fin) & ~same).nonzero()
+        if bad.numel():
+            where = [tuple(int(x) for x in i) for i in bad[:5].tolist()]
+            i = tuple(bad[0].tolist())
+            raise AssertionError(
+                f"{name}: non-finite values (unwritten, overflow, or a non-finite reference) at {where}: "
+                f"out={o[i].item()} ref={r[i].item()}")
+        keep = o_fin & r_fin  # both hold the same non-finite value elsewhere: compare the finite rest
+        o, r = torch.where(keep, o, 0.0), torch.where(keep, r, 0.0)
+        if peer is not None:
+            peer = torch.where(keep, peer.double(), 0.0)
+        ref = r
     bound = tolerance(ref, peer, out.dtype, factor, atol_floor)
-    err = (o - ref.double()).abs()
+    err = (o - r).abs()
     excess = err - bound
     if (excess > 0).any():
         i = int(torch.argmax(excess.flatten()))
         idx = list(torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else []
         raise AssertionError(
             f"{name}: max error {err.max().item():.3e} exceeds tolerance; worst at {[int(x) for x in idx]}: "
-            f"out={o.flatten()[i].item():.6g} ref={ref.double().flatten()[i].item():.6g} "
+            f"out={o.flatten()[i].item():.6g} ref={r.flatten()[i].item():.6g} "
             f"allowed={bound.flatten()[i].item():.3e} ({out.dtype}, factor {factor})")
 
 

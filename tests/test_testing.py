@@ -84,3 +84,28 @@ def test_interpreter_bf16_conversions_round_to_nearest_even():
     assert torch.equal(i, x.to(torch.bfloat16).float().to(torch.int32))
     trunc = torch.from_numpy((x.numpy().view(np.uint32) >> 16).astype(np.uint16).view(np.int16)).view(torch.bfloat16)
     assert torch.equal(t, trunc)
+
+
+def test_non_finite_reference_or_output_fails():
+    """A NaN/Inf on either side fails unless the reference holds the same non-finite value there: a NaN
+    reference used to pass any output (every comparison with NaN is False), a NaN peer made the rule vacuous."""
+    nan, inf = float("nan"), float("inf")
+    ref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    out = ref.float()
+    for r, o in (([nan, 2.0, 3.0], [1.0, 2.0, 3.0]),    # reference NaN, output finite
+                 ([inf, 2.0, 3.0], [1.0, 2.0, 3.0]),    # reference Inf, output finite
+                 ([1.0, 2.0, 3.0], [1.0, inf, 3.0]),    # output Inf, reference finite
+                 ([inf, 2.0, 3.0], [-inf, 2.0, 3.0]),   # opposite infinities
+                 ([nan, 2.0, 3.0], [inf, 2.0, 3.0])):   # NaN against Inf
+        with pytest.raises(AssertionError, match="non-finite"):
+            assert_close(torch.tensor(o), torch.tensor(r, dtype=torch.float64), peer=torch.tensor(o))
+    # the same non-finite value at the same positions passes; the finite rest is still checked
+    r = torch.tensor([nan, -inf, 3.0], dtype=torch.float64)
+    assert_close(torch.tensor([nan, -inf, 3.0]), r, peer=torch.tensor([nan, -inf, 3.0]))
+    with pytest.raises(AssertionError, match="exceeds tolerance"):
+        assert_close(torch.tensor([nan, -inf, 3.1]), r, peer=torch.tensor([nan, -inf, 3.0]))
+    # PyTorch's own result overflowing does not turn the bound into inf/NaN
+    for p in (nan, inf):
+        with pytest.raises(AssertionError, match="exceeds tolerance"):
+            assert_close(torch.tensor([1.0, 2.0, 3.5]), ref, peer=torch.tensor([p, 2.0, 3.0]))
+    assert_close(out, ref, peer=torch.tensor([nan, 2.0, 3.0]))

@@ -214,6 +214,19 @@ def test_missing_task_fails_before_any_training(fixture_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tasks_all_names_every_missing_task_and_available_runs_the_rest(fixture_ckpt, tmp_path, capsys):
+    data = tmp_path / "glue"  # a glue_data folder with RTE only (like ../shared/data/glue, which lacks MNLI/QNLI/QQP)
+    shutil.copytree(FIXTURES / "RTE", data / "RTE")
+    assert glue.main(["--model", str(fixture_ckpt), "--tasks", "all", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    for name in ("mnli (MNLI)", "qnli (QNLI)", "qqp (QQP)", "sst2 (SST-2)", "--tasks available", "(rte)"):
+        assert name in err, err
+    res = glue.run(fixture_ckpt, "available", data, tmp_path / "out", QUICK)
+    assert list(res["tasks"]) == ["rte"]
+    with pytest.raises(gd.GlueDataError, match="no GLUE task folder"):
+        glue.run(fixture_ckpt, "available", tmp_path / "empty", None, QUICK)
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks(fixture_ckpt, tmp_path):
     """torchrun with 2 gloo ranks: sharded training, gathered eval, one results file from rank 0."""

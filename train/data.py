@@ -53,6 +53,33 @@ class ShardError(RuntimeError):
     """A token shard that is truncated, corrupted, or not a shard at all."""
 
 
+class HubUnavailableError(ConnectionError):
+    """A Hugging Face hub dataset that cannot be loaded: offline, or the hub is unreachable."""
+
+
+def hub_offline() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_hub_dataset(arg: str, name: str, *args, **kwargs):
+    """``datasets.load_dataset(name, *args, **kwargs)``; a connection failure becomes a
+    :class:`HubUnavailableError` that says whether the machine is offline and what to pass instead."""
+    import datasets  # only for hub data; never in tests
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except ConnectionError as e:
+        if hub_offline():
+            why = ("Hugging Face offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and the "
+                   "dataset is not in the local cache")
+        else:
+            why = f"the Hugging Face hub cannot be reached (offline? {e})"
+        raise HubUnavailableError(
+            f"{arg}: cannot load the hub dataset {name!r}: {why}. Pass a local file or folder instead, or run "
+            "once with network access so that it is cached.") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources
 
@@ -106,8 +133,8 @@ def iter_documents(source: Source, text_field: str = "text", max_documents: int 
     blank lines. JSON Lines: one document a line, text in ``text_field``."""
     n = 0
     if source.kind == "hub":
-        import datasets  # only for hub data; never in tests
-        ds = datasets.load_dataset(source.name, source.config or None, split=source.split, streaming=True)
+        ds = load_hub_dataset("data.train (--data)", source.name, source.config or None, split=source.split,
+                              streaming=True)
         for row in ds:
             if text_field not in row:
                 raise KeyError(f"hub dataset {source.name!r}: no column {text_field!r} (data.text_field)")
@@ -319,7 +346,8 @@ class TokenDataset:
 
 
 def default_cache_root() -> str:
-    return os.environ.get("FASTBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastbert")
+    from fastbert.paths import cache_dir
+    return str(cache_dir())
 
 
 def cache_key(source: Source, tokenizer_fingerprint: str, max_len: int, max_documents: int,
@@ -393,6 +421,9 @@ def build_or_load(source: Source, tokenizer, max_len: int, cache_root: str = "",
             if pend_n >= shard_tokens:
                 flush()
         flush()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-built cache left behind
+        raise
     finally:
         if pool is not None:
             pool.terminate()

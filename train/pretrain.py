@@ -19,35 +19,35 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import data as D
 from .config import PretrainConfig, expand_path, load_config, save_config, to_dict
+from .resume import (CKPT_PREFIX, ResumeError, Schedule, StartPlan, latest_checkpoint, lr_at,  # noqa: F401
+                     plan_start)
 from .tokenizer import WordPiece, load_tokenizer
-from .utils import (Dist, gpu_peak_flops, mfu, plot_losses, rng_state, seed_all, set_rng_state,
-                    setup_distributed, truncate_metrics)
-
-CKPT_PREFIX = "step-"
+from .utils import (Dist, StopSignals, gpu_peak_flops, mfu, plot_losses, prog_name, read_metrics, rng_state,
+                    seed_all, set_rng_state, setup_distributed, truncate_metrics)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without writing the bad state."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run at a step boundary after writing a checkpoint, metrics and the plot.
+    ``signum`` is the signal, ``summary`` what :func:`train` would have returned so far."""
+
+    def __init__(self, message: str, signum: int, summary: Dict):
+        super().__init__(message)
+        self.signum, self.summary = signum, summary
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
-
-def lr_at(frac: float, peak: float, warmup: float, final_ratio: float) -> float:
-    """Linear warmup over the first ``warmup`` fraction of the budget, then linear decay to
-    ``peak * final_ratio`` at ``frac == 1``."""
-    frac = min(max(frac, 0.0), 1.0)
-    if warmup > 0 and frac < warmup:
-        return peak * frac / warmup
-    return peak * (final_ratio + (1.0 - final_ratio) * (1.0 - frac) / (1.0 - warmup))
-
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with decoupled weight decay on matrices and embeddings only (biases and LayerNorm gains, the
@@ -94,17 +94,8 @@ def evaluate(model, batches, device, autocast) -> Dict[str, float]:
     return {"eval_loss": loss_sum / max(n, 1), "eval_acc": correct / max(n, 1), "eval_tokens": n}
 
 
-def latest_checkpoint(out_dir: str) -> Optional[str]:
-    root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root)
-                  if d.startswith(CKPT_PREFIX) and os.path.isfile(os.path.join(root, d, "trainer_state.pt")))
-    return os.path.join(root, done[-1]) if done else None
-
-
 def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
-                    cfg: PretrainConfig, keep: int) -> str:
+                    cfg: PretrainConfig, keep: int, schedule: Optional[Schedule] = None) -> str:
     """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
     place last, so a kill at any moment leaves either the complete checkpoint or none."""
     root = os.path.join(out_dir, "checkpoints")
@@ -118,7 +109,7 @@ def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: floa
     state = {"step": step, "elapsed_s": elapsed,
              "optimizer": optimizer.state_dict(),
              "scheduler": {"step": step, "elapsed_s": elapsed, "max_steps": cfg.max_steps,
-                           "max_minutes": cfg.max_minutes},
+                           "max_minutes": cfg.max_minutes, "anchor": schedule.anchor if schedule else None},
              "rng": rngs,  # one entry per rank
              "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
                       "global_batch_size": cfg.global_batch_size},
@@ -179,19 +170,76 @@ def prepare_data(cfg: PretrainConfig, dist: Dist, log):
 # The loop
 
 def train(cfg: PretrainConfig, log=None) -> Dict:
-    """Run (or resume) pretraining as configured; returns a summary dict (paths, last losses).
+    """Run (or resume) pretraining as configured; returns a summary dict (paths, first/last held-out loss).
 
-    Raises :class:`TrainingDiverged` on a NaN/inf loss (the checkpoints already written are kept).
+    Everything that can refuse the run (config validation, the resume check of :func:`plan_start`) runs
+    before anything is written. Raises :class:`ResumeError` (nothing written), :class:`TrainingDiverged`
+    on a NaN/inf loss (the checkpoints already written are kept) and :class:`TrainingInterrupted` after
+    SIGINT/SIGTERM (a checkpoint of the last step written; ``resume=auto`` continues it exactly).
     """
     cfg.validate()
+    plan = plan_start(cfg, os.path.abspath(expand_path(cfg.output_dir)))
+    if plan.finished:
+        return _finished_summary(cfg, plan, log)
     prev_threads = torch.get_num_threads()
     try:
-        return _train(cfg, log)
+        return _train(cfg, plan, log)
     finally:
         torch.set_num_threads(prev_threads)  # an in-process caller (tests, quickstart) gets its setting back
 
 
-def _train(cfg: PretrainConfig, log) -> Dict:
+def _evals_from_metrics(metrics_path: str) -> Tuple[Optional[Dict], Optional[Dict]]:
+    """(first, last) held-out rows of ``metrics.jsonl`` (a resumed run reports the whole run's change)."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("split") == "valid"]
+    return (rows[0], rows[-1]) if rows else (None, None)
+
+
+def _finished_summary(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
+    """A rerun of a finished run: say so, write nothing, return the run's summary."""
+    out = plan.out_dir
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    first, last = _evals_from_metrics(metrics_path)
+    budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
+    if int(os.environ.get("RANK", "0")) == 0:
+        (log or (lambda m: print(m, flush=True)))(
+            f"pretrain: {out} already finished its budget ({budget}; checkpoint {plan.checkpoint}); nothing to "
+            f"train, nothing rewritten. To train longer raise max_steps/max_minutes (the LR continues its decay, "
+            f"no new warmup); for a new run use a new --output-dir.")
+    png = os.path.join(out, "loss.png")
+    return {"output_dir": out, "steps": plan.step, "elapsed_s": plan.elapsed_s, "metrics": metrics_path,
+            "checkpoint": plan.checkpoint, "final_dir": os.path.join(out, "final"), "first_eval": first,
+            "last_eval": last, "plot": png if os.path.isfile(png) else None, "already_finished": True,
+            "last_train_loss": next((r["loss"] for r in reversed(read_metrics(metrics_path))
+                                     if r.get("split") == "train"), float("nan"))}
+
+
+def _restore(plan: StartPlan, raw_model, optimizer, dist: Dist, cfg: PretrainConfig, say) -> None:
+    """Load the checkpoint's weights, optimizer and every rank's RNG (all checked by :func:`plan_start`)."""
+    from safetensors.torch import load_file
+    state = plan.state
+    raw_model.load_checkpoint_state(load_file(os.path.join(plan.checkpoint, "model.safetensors")),
+                                    source=plan.checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    rngs = state["rng"]
+    if len(rngs) == dist.world:
+        set_rng_state(rngs[dist.rank])
+    else:
+        say(f"warning: checkpoint from {len(rngs)} rank(s), now {dist.world}: dropout RNG reseeded")
+        seed_all(cfg.seed + 1000 * plan.step + dist.rank)
+
+
+def _eval_batches(cfg: PretrainConfig, valid_ds, tok, dist: Dist) -> List:
+    """Held-out batches, masked once with a fixed seed: every evaluation scores the same positions."""
+    if valid_ds is None or not dist.is_main:
+        return []
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    n_eval = min(cfg.eval_sequences, len(valid_ds))
+    prob = cfg.data.eval_mlm_probability or cfg.data.mlm_probability
+    return [make_batch(valid_ds, np.arange(i, min(i + cfg.micro_batch_size, n_eval)), tok, prob, g)
+            for i in range(0, n_eval, cfg.micro_batch_size)]
+
+
+def _train(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
     from fastbert.models import BertConfig, BertForMaskedLM
 
     dist = setup_distributed(cfg.device)
@@ -210,12 +258,16 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         else:
             print(msg, flush=True)
 
-    out_dir = os.path.abspath(expand_path(cfg.output_dir))
+    out_dir = plan.out_dir
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if dist.is_main:
+    if dist.is_main:  # the first writes: plan_start has accepted the run folder and the checkpoint
         os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     say(f"pretrain: output -> {out_dir} (world size {dist.world}, device {device})")
+    if plan.checkpoint:
+        say(f"resume: continuing {plan.checkpoint} (step {plan.step}, {plan.elapsed_s / 60:.1f} min trained)")
+    for note in plan.notes:
+        say(f"resume: {note}")
 
     tok, train_ds, valid_ds = prepare_data(cfg, dist, say)
 
@@ -237,37 +289,16 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # --- resume ---
-    step, elapsed = 0, 0.0
-    ckpt = None
-    if cfg.resume == "auto":
-        ckpt = latest_checkpoint(out_dir)
-    elif cfg.resume not in ("none", ""):
-        ckpt = expand_path(cfg.resume)
-        if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
-            raise FileNotFoundError(f"resume: {ckpt!r} is not a checkpoint directory (no trainer_state.pt)")
-    if ckpt is not None:
-        from safetensors.torch import load_file
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        raw_model.load_checkpoint_state(load_file(os.path.join(ckpt, "model.safetensors")), source=ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed_s"]
-        if state["data"]["global_batch_size"] != cfg.global_batch_size:
-            say(f"warning: the checkpoint used global_batch_size {state['data']['global_batch_size']}, now "
-                f"{cfg.global_batch_size}: the data order after resuming differs from the original run's")
-        rngs = state["rng"]
-        if len(rngs) == dist.world:
-            set_rng_state(rngs[dist.rank])
-        else:
-            say(f"warning: checkpoint from {len(rngs)} rank(s), now {dist.world}: dropout RNG reseeded")
-            seed_all(cfg.seed + 1000 * step + dist.rank)
+    step, elapsed = plan.step, plan.elapsed_s
+    if plan.state is not None:
+        _restore(plan, raw_model, optimizer, dist, cfg, say)
         if dist.is_main:
             truncate_metrics(metrics_path, step)
-        say(f"resume: {ckpt} (step {step}, {elapsed / 60:.1f} min trained)")
     else:
         seed_all(cfg.seed + dist.rank)  # dropout differs per rank; the weights are already drawn
         if dist.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)
+    schedule = Schedule.from_config(cfg, plan.anchor)
 
     model = raw_model
     if cfg.compile:
@@ -277,24 +308,15 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
 
-    plan = D.BatchPlan(len(train_ds), cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world,
-                       cfg.seed)
+    batch_plan = D.BatchPlan(len(train_ds), cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world,
+                             cfg.seed)
     pad_to = cfg.data.max_len if cfg.compile else 0  # static shapes for the compiler; else pad to longest
     budget_s = cfg.max_minutes * 60.0
 
     def progress(step_: int, elapsed_: float) -> float:
         return step_ / cfg.max_steps if cfg.max_steps else elapsed_ / budget_s
 
-    # Held-out batches are masked once with a fixed seed: every evaluation scores the same positions.
-    eval_batches = []
-    if valid_ds is not None and dist.is_main:
-        g = torch.Generator().manual_seed(cfg.seed + 7)
-        n_eval = min(cfg.eval_sequences, len(valid_ds))
-        for i in range(0, n_eval, cfg.micro_batch_size):
-            idx = np.arange(i, min(i + cfg.micro_batch_size, n_eval))
-            eval_batches.append(make_batch(valid_ds, idx, tok, cfg.data.eval_mlm_probability
-                                           or cfg.data.mlm_probability, g))
-
+    eval_batches = _eval_batches(cfg, valid_ds, tok, dist)
     peak = gpu_peak_flops(device)
     metrics_f = open(metrics_path, "a") if dist.is_main else None
 
@@ -312,16 +334,29 @@ def _train(cfg: PretrainConfig, log) -> Dict:
             f"({r['eval_tokens']} masked tokens)")
         return r
 
+    def checkpoint() -> str:
+        rngs = [rng_state()]
+        if dist.enabled:  # every rank's dropout RNG, so a resume continues each rank's stream
+            rngs = [None] * dist.world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(out_dir, raw_model, optimizer, step, elapsed, rngs, cfg, cfg.keep_checkpoints,
+                                   schedule)
+            say(f"checkpoint: {path}")
+        dist.barrier()
+        return path
+
     budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
     say(f"model: {cfg.model.preset} {mcfg.num_hidden_layers}x{mcfg.hidden_size}, {n_params / 1e6:.2f}M params; "
         f"pos={mcfg.position_embedding_type} mlp={mcfg.mlp_type} attn={mcfg.attention_impl}")
     say(f"train: {len(train_ds):,} sequences ({train_ds.n_tokens:,} tokens); global batch "
-        f"{cfg.global_batch_size} = {dist.world} rank(s) x {plan.accum_steps} micro-step(s) x "
-        f"{plan.micro_batch}; budget {budget}; lr {cfg.optim.lr}, masking {cfg.data.mlm_probability:.0%}; "
+        f"{cfg.global_batch_size} = {dist.world} rank(s) x {batch_plan.accum_steps} micro-step(s) x "
+        f"{batch_plan.micro_batch}; budget {budget}; lr {cfg.optim.lr}, masking {cfg.data.mlm_probability:.0%}; "
         f"{'bf16 autocast' if use_bf16 else 'fp32'}")
 
-    first_eval = run_eval() if step == 0 else None
-    last_eval = first_eval
+    if step == 0:
+        run_eval()
     last_ckpt = latest_checkpoint(out_dir)
     if dist.is_main and cfg.progress:
         from tqdm.auto import tqdm
@@ -330,127 +365,116 @@ def _train(cfg: PretrainConfig, log) -> Dict:
     params = [p for p in raw_model.parameters() if p.requires_grad]
     win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
     last_loss = float("nan")
+    stop = StopSignals()
+    stopped = False
 
-    while progress(step, elapsed) < 1.0:
-        t0 = time.perf_counter()
-        # The LR follows the fraction of the budget this step ends at (step+1 for a step budget).
-        frac = (step + 1) / cfg.max_steps if cfg.max_steps else elapsed / budget_s
-        lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.final_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    with stop:
+        while progress(step, elapsed) < 1.0:
+            t0 = time.perf_counter()
+            # The LR follows the fraction of the budget this step ends at (step+1 for a step budget).
+            frac = (step + 1) / cfg.max_steps if cfg.max_steps else elapsed / budget_s
+            lr = schedule.lr(frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        micro = plan.micro_batches(step)
-        loss_sum = torch.zeros((), device=device)
-        n_tokens = 0
-        for i, idx in enumerate(micro):
-            gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * plan.accum_steps + i))
-            inputs, attn, labels = make_batch(train_ds, idx, tok, cfg.data.mlm_probability, gen, pad_to)
-            n_tokens += int(attn.sum())
-            if device.type == "cuda":  # pinned host memory lets the copies overlap the previous step
-                inputs, attn, labels = (t.pin_memory() for t in (inputs, attn, labels))
-            inputs, attn, labels = (t.to(device, non_blocking=True) for t in (inputs, attn, labels))
-            # DDP all-reduces gradients on the last micro-step only; the others accumulate locally.
-            sync = (model.no_sync() if dist.enabled and i < len(micro) - 1 else contextlib.nullcontext())
-            with sync:
-                with autocast:
-                    out = model(input_ids=inputs, attention_mask=attn, labels=labels)
-                loss = out.loss / len(micro)
-                if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
-                    loss = loss * float("nan")  # test knob: a diverged step
-                loss.backward()
-            loss_sum += loss.detach()
-        # clip_grad_norm_ also returns the global norm (after DDP's all-reduce, so equal on every rank):
-        # a NaN on any rank shows up on all of them and every rank stops at the same step.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
-                                                   else float("inf"))
-        # One host sync per step: the NaN guard must see this step before the optimizer applies it.
-        loss_val, norm_val = (float(x) for x in torch.stack([loss_sum, grad_norm.float()]).cpu())
-        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            where = last_ckpt or "none written yet"
+            micro = batch_plan.micro_batches(step)
+            loss_sum = torch.zeros((), device=device)
+            n_tokens = 0
+            for i, idx in enumerate(micro):
+                gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * batch_plan.accum_steps + i))
+                inputs, attn, labels = make_batch(train_ds, idx, tok, cfg.data.mlm_probability, gen, pad_to)
+                n_tokens += int(attn.sum())
+                if device.type == "cuda":  # pinned host memory lets the copies overlap the previous step
+                    inputs, attn, labels = (t.pin_memory() for t in (inputs, attn, labels))
+                inputs, attn, labels = (t.to(device, non_blocking=True) for t in (inputs, attn, labels))
+                # DDP all-reduces gradients on the last micro-step only; the others accumulate locally.
+                sync = (model.no_sync() if dist.enabled and i < len(micro) - 1 else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        out = model(input_ids=inputs, attention_mask=attn, labels=labels)
+                    loss = out.loss / len(micro)
+                    if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
+                        loss = loss * float("nan")  # test knob: a diverged step
+                    loss.backward()
+                loss_sum += loss.detach()
+            # clip_grad_norm_ also returns the global norm (after DDP's all-reduce, so equal on every rank):
+            # a NaN on any rank shows up on all of them and every rank stops at the same step.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                       else float("inf"))
+            # One host sync per step: the NaN guard must see this step before the optimizer applies it.
+            loss_val, norm_val = (float(x) for x in torch.stack([loss_sum, grad_norm.float()]).cpu())
+            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                where = last_ckpt or "none written yet"
+                if bar is not None:
+                    bar.close()
+                if metrics_f is not None:
+                    metrics_f.close()
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1}: loss={loss_val} grad_norm={norm_val} (lr {lr:.3g}). "
+                    f"Stopped without saving this state; last good checkpoint: {where}. Lower optim.lr or "
+                    f"raise optim.warmup, then resume from it (resume=auto).")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            dt = time.perf_counter() - t0
+            if budget_s and dist.enabled:
+                # The wall-clock budget must end every rank at the same step: rank 0's clock decides.
+                t = torch.tensor([dt], device=device, dtype=torch.float64)
+                torch.distributed.broadcast(t, 0)
+                dt = float(t)
+            elapsed += dt
+            win_tokens += n_tokens
+            win_time += dt
+            win_loss += loss_val
+            win_n += 1
+            last_loss = loss_val
+
+            stopped = stop.agreed(dist)  # every rank stops after the same step
+            if step % cfg.log_every == 0 or progress(step, elapsed) >= 1.0 or stopped:
+                stats = torch.tensor([win_loss / win_n, float(win_tokens)], dtype=torch.float64, device=device)
+                if dist.enabled:  # mean loss and total tokens over ranks
+                    torch.distributed.all_reduce(stats)
+                    stats[0] /= dist.world
+                tok_s = float(stats[1]) / max(win_time, 1e-9)
+                m = mfu(n_params, tok_s / dist.world, peak)
+                row = {"split": "train", "step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": norm_val,
+                       "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "epoch": step * cfg.global_batch_size
+                       / len(train_ds)}
+                write_metrics(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                    mfu="n/a" if m is None else f"{m:.1%}", refresh=False)
+                win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
             if bar is not None:
-                bar.close()
-            if metrics_f is not None:
-                metrics_f.close()
-            raise TrainingDiverged(
-                f"training diverged at step {step + 1}: loss={loss_val} grad_norm={norm_val} (lr {lr:.3g}). "
-                f"Stopped without saving this state; last good checkpoint: {where}. Lower optim.lr or "
-                f"raise optim.warmup, then resume from it (resume=auto).")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        dt = time.perf_counter() - t0
-        if budget_s and dist.enabled:
-            # The wall-clock budget must end every rank at the same step: rank 0's clock decides.
-            t = torch.tensor([dt], device=device, dtype=torch.float64)
-            torch.distributed.broadcast(t, 0)
-            dt = float(t)
-        elapsed += dt
-        win_tokens += n_tokens
-        win_time += dt
-        win_loss += loss_val
-        win_n += 1
-        last_loss = loss_val
-
-        if step % cfg.log_every == 0 or progress(step, elapsed) >= 1.0:
-            stats = torch.tensor([win_loss / win_n, float(win_tokens)], dtype=torch.float64, device=device)
-            if dist.enabled:  # mean loss and total tokens over ranks
-                torch.distributed.all_reduce(stats)
-                stats[0] /= dist.world
-            tok_s = float(stats[1]) / max(win_time, 1e-9)
-            m = mfu(n_params, tok_s / dist.world, peak)
-            row = {"split": "train", "step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": norm_val,
-                   "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "epoch": step * cfg.global_batch_size
-                   / len(train_ds)}
-            write_metrics(row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                                mfu="n/a" if m is None else f"{m:.1%}", refresh=False)
-            win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
-        if bar is not None:
-            if cfg.max_steps:
-                bar.update(1)
-            else:
-                bar.set_description(f"pretrain {elapsed / 60:.1f}/{cfg.max_minutes:g} min")
+                if not cfg.max_steps:
+                    bar.set_description(f"pretrain {elapsed / 60:.1f}/{cfg.max_minutes:g} min")
                 bar.update(1)
 
-        done = progress(step, elapsed) >= 1.0
-        if cfg.eval_every and step % cfg.eval_every == 0 and not done:
-            last_eval = run_eval()
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done:
-            rngs = [rng_state()]
-            if dist.enabled:  # every rank's dropout RNG, so a resume continues each rank's stream
-                rngs = [None] * dist.world
-                torch.distributed.all_gather_object(rngs, rng_state())
-            if dist.is_main:
-                last_ckpt = save_checkpoint(out_dir, raw_model, optimizer, step, elapsed, rngs, cfg,
-                                            cfg.keep_checkpoints)
-                say(f"checkpoint: {last_ckpt}")
-            dist.barrier()
-        if cfg.debug_step_delay_s:
-            time.sleep(cfg.debug_step_delay_s)  # test knob: widen the window for a kill
+            done = progress(step, elapsed) >= 1.0
+            if stopped:
+                break
+            if cfg.eval_every and step % cfg.eval_every == 0 and not done:
+                run_eval()
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done:
+                last_ckpt = checkpoint()
+            if cfg.debug_step_delay_s:
+                time.sleep(cfg.debug_step_delay_s)  # test knob: widen the window for a kill
 
     if bar is not None:
         bar.close()
         bar = None
+    if stopped:
+        return _stop_after_signal(stop, step, elapsed, checkpoint, metrics_f, metrics_path, cfg, dist, say)
     summary = {"output_dir": out_dir, "steps": step, "elapsed_s": elapsed, "last_train_loss": last_loss,
                "metrics": metrics_path, "checkpoint": last_ckpt}
     if dist.is_main:
-        final_eval = run_eval() if eval_batches else None
-        if final_eval:
-            last_eval = final_eval
-        final_dir = os.path.join(out_dir, "final")
-        tmp = final_dir + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        raw_model.save_pretrained(tmp)
-        tok.save(tmp)
-        save_config(cfg, os.path.join(tmp, "pretrain_config.yaml"))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+        run_eval()
         metrics_f.close()
-        png = plot_losses(metrics_path, os.path.join(out_dir, "loss.png"),
-                          title=f"{cfg.model.preset} MLM pretraining") if cfg.plot else None
-        summary.update(final_dir=final_dir, plot=png, first_eval=first_eval, last_eval=last_eval)
+        final_dir = _write_final(out_dir, raw_model, tok, cfg)
+        png = _plot(cfg, metrics_path, out_dir)
+        first, last = _evals_from_metrics(metrics_path)
+        summary.update(final_dir=final_dir, plot=png, first_eval=first, last_eval=last)
         say(f"done: {step} steps in {elapsed / 60:.1f} min; final model -> {final_dir}")
         say(f"      metrics -> {metrics_path}" + (f"; loss plot -> {png}" if png else ""))
     dist.barrier()
@@ -459,15 +483,58 @@ def _train(cfg: PretrainConfig, log) -> Dict:
     return summary
 
 
+def _plot(cfg: PretrainConfig, metrics_path: str, out_dir: str) -> Optional[str]:
+    return plot_losses(metrics_path, os.path.join(out_dir, "loss.png"),
+                       title=f"{cfg.model.preset} MLM pretraining") if cfg.plot else None
+
+
+def _write_final(out_dir: str, raw_model, tok, cfg: PretrainConfig) -> str:
+    """``final/``: weights, config, tokenizer files and the pretraining config, renamed into place last."""
+    final_dir = os.path.join(out_dir, "final")
+    tmp = final_dir + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw_model.save_pretrained(tmp)
+    tok.save(tmp)
+    save_config(cfg, os.path.join(tmp, "pretrain_config.yaml"))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+    return final_dir
+
+
+def _stop_after_signal(stop: StopSignals, step: int, elapsed: float, checkpoint, metrics_f, metrics_path: str,
+                       cfg: PretrainConfig, dist: Dist, say):
+    """SIGINT/SIGTERM: checkpoint the step just finished (every rank takes part), plot, then raise
+    :class:`TrainingInterrupted` so the caller exits cleanly."""
+    path = checkpoint()
+    png = None
+    if dist.is_main:
+        metrics_f.close()
+        png = _plot(cfg, metrics_path, os.path.dirname(metrics_path))
+    dist.barrier()
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    summary = {"output_dir": os.path.dirname(metrics_path), "steps": step, "elapsed_s": elapsed,
+               "metrics": metrics_path, "checkpoint": path, "plot": png}
+    msg = (f"stopped by {stop.name} after step {step} ({elapsed / 60:.1f} min): checkpoint {path}, metrics "
+           f"{metrics_path}" + (f", loss plot {png}" if png else "") + ". Rerun the same command (resume=auto) "
+           "to continue exactly from here.")
+    say(msg)
+    raise TrainingInterrupted(msg, stop.signum, summary)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
+    from .config import config_help, shipped_configs
+    p = argparse.ArgumentParser(prog=prog_name("pretrain"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any config field can be overridden as key=value, nested keys with dots: "
-                                       "optim.lr=1e-3 max_steps=100 model.overrides.num_hidden_layers=4")
-    p.add_argument("--config", help="YAML file (train/configs/*.yaml); defaults apply without one")
+                                epilog="Any config key can be overridden as key=value, nested keys with dots "
+                                       "(optim.lr=1e-3 max_steps=100 model.overrides.num_hidden_layers=4).\n"
+                                       "Config keys and their defaults (a --config file replaces some of them):\n"
+                                       + "\n".join(config_help()))
+    p.add_argument("--config", help="a YAML file, or the name of a shipped config: "
+                                    f"{', '.join(shipped_configs())}; without one the defaults below apply")
     p.add_argument("--data", help="training data: a file, a directory of .jsonl/.jsonl.gz/.txt files, or a "
                                   "Hugging Face hub dataset name (sets data.train)")
     p.add_argument("--output-dir", help="where metrics, checkpoints, loss.png and final/ go (sets output_dir)")
@@ -477,13 +544,29 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def config_from_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    if args.config is None:
+        warn_if_defaults_on_cpu(list(args.overrides))
+    cfg = load_config(args.config, list(args.overrides))
     if args.data:
         cfg.data.train = args.data
     if args.output_dir:
         cfg.output_dir = args.output_dir
     return cfg.validate()
+
+
+def warn_if_defaults_on_cpu(overrides: Sequence[str]) -> bool:
+    """Without --config the defaults (the whole first corpus file tokenized with BERT's 30522-token
+    vocabulary, batch 64) suit a GPU; on a CPU they take ~13 s a step. Say so and name the CPU config."""
+    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), "auto")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("warning: no --config, so the built-in defaults apply (BERT's 30522-token vocabulary, the whole "
+              "training file tokenized, global batch 64), and there is no GPU here: on a CPU that is about 13 s "
+              "a step. For a CPU run use --config tiny-cpu (train/configs/tiny-cpu.yaml: a tiny model that "
+              "learns in minutes), or the quickstart (fastbert-quickstart / python -m train.quickstart).",
+              file=sys.stderr, flush=True)
+    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -497,7 +580,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
-    except (D.ShardError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:  # the message was logged; the conventional exit code of that signal
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted (outside the training steps: nothing new to resume from)", file=sys.stderr, flush=True)
+        return 130
+    except (ResumeError, D.ShardError, D.HubUnavailableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -18,6 +18,7 @@ _POSITION_TYPES = ("alibi", "learned")
 _MLP_TYPES = ("glu", "mlp")
 _ATTENTION_IMPLS = ("unpadded", "padded_sdpa")
 _ACTIVATIONS = ("gelu", "gelu_tanh")
+_POOLINGS = ("cls", "mean")
 
 _SIZES: Dict[str, Dict[str, int]] = {
     # tiny/mini are for CPU runs and tests; base/large are MosaicBERT's / BERT's sizes.
@@ -46,6 +47,10 @@ class BertConfig:
         pad_vocab_size_multiple: the embedding / decoder has ``padded_vocab_size`` rows (vocab rounded up to
             this multiple, for matmul-friendly shapes); 1 disables padding (needed to reproduce HF losses).
         hidden_act: ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        classifier_pooling: what ``BertForSequenceClassification``'s pooler reads: ``"cls"`` (the first
+            token, BERT's choice) or ``"mean"`` (the mean over each sequence's real tokens, as ModernBERT
+            offers). After a short MLM-only pretraining [CLS] carries little per-sentence signal (it is
+            never a prediction target); the mean of the token states does.
     """
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -65,6 +70,7 @@ class BertConfig:
     attention_impl: str = "unpadded"
     pad_vocab_size_multiple: int = 64
     classifier_dropout: Optional[float] = None
+    classifier_pooling: str = "cls"
     num_labels: int = 2
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used)
 
@@ -79,7 +85,8 @@ class BertConfig:
                      "pad_vocab_size_multiple", "num_labels"):
             positive(name)
         for name, allowed in (("position_embedding_type", _POSITION_TYPES), ("mlp_type", _MLP_TYPES),
-                              ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS)):
+                              ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS),
+                              ("classifier_pooling", _POOLINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:

@@ -6,7 +6,7 @@
 DIR (default ``$FASTBERT_DATA``, else ``../shared/data`` beside the repository) holds ``corpus/``
 (``wiki2015-00.jsonl.gz``, ``wiki2015-valid.jsonl.gz``), ``vocab/`` and ``glue/SST-2``. Runs the
 ``tiny-cpu`` config (on the GPU when there is one; a few minutes on 2 CPU cores), then the GLUE harness on
-SST-2 (one epoch over a slice of the training set) and prints where everything went. ``key=value`` items
+SST-2 (3 epochs over 4,000 training sentences) and prints where everything went. ``key=value`` items
 override the pretraining config (e.g. ``max_steps=100``). Rerunning on a finished output folder trains
 nothing and reports the results already there.
 """
@@ -23,12 +23,13 @@ from typing import Dict, Optional
 from .config import CONFIG_DIR, data_root, load_config
 
 TINY_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
-# SST-2 on the 2-layer model pretrained for 250 steps. Why these values: README "Quickstart" (measured
-# over seeds) and tests/test_quickstart.py. The classifier reads the mean of the token states
-# (classifier_pooling=mean): after a short MLM pretraining without next-sentence prediction, [CLS] has
-# never been a training target and its state is nearly the same for every sentence, so a [CLS] classifier
-# only learns at a high LR and still lands on the majority class for some seeds.
-GLUE_OVERRIDES = {"seeds": 1, "epochs": 1, "max_train_examples": 4000, "max_seq_len": 64, "batch_size": 32,
+# SST-2 on the 2-layer model pretrained for 250 steps (measured over seeds: README "Pretraining",
+# tests/test_quickstart.py). After a short MLM pretraining without next-sentence prediction, [CLS] has never
+# been a training target and its state is nearly the same for every sentence; a [CLS] classifier trained
+# for one epoch (125 steps) scores 0.63-0.66 over seeds at LR 5e-4 (0.509, the majority class, in the
+# issue's run) and 0.509 for every seed at 1e-4..2e-4. So the classifier reads the mean of the token
+# states, and trains for the recipe's 3 epochs.
+GLUE_OVERRIDES = {"seeds": 1, "epochs": 3, "max_train_examples": 4000, "max_seq_len": 64, "batch_size": 32,
                   "lr": 5e-4, "weight_decay": 5e-6, "classifier_pooling": "mean"}
 SST2_MAJORITY = 0.509  # accuracy of always answering the larger class on the SST-2 dev set
 

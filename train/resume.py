@@ -96,6 +96,20 @@ def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any
             if a.get(k) != b.get(k) and not k.startswith(_IGNORED)]
 
 
+_PATH_KEYS = ("train", "valid", "tokenizer")
+
+
+def _same_paths(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` with its local data paths made absolute (``--data corpus`` and ``--data /abs/corpus`` are the
+    same data); hub names and ``train`` (a tokenizer to train) stay as written."""
+    data = dict(cfg.get("data", {}))
+    for k in _PATH_KEYS:
+        p = expand_path(str(data.get(k) or ""))
+        if p and os.path.exists(p):
+            data[k] = os.path.realpath(p)
+    return {**cfg, "data": data}
+
+
 def _fmt(changes) -> str:
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
 
@@ -169,7 +183,7 @@ def plan_start(cfg: PretrainConfig, out_dir: str) -> StartPlan:
     if ckpt is None:
         return plan
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    changes = config_diff(state.get("config", {}), to_dict(cfg))
+    changes = config_diff(_same_paths(state.get("config", {})), _same_paths(to_dict(cfg)))
     fatal = [c for c in changes if c[0].startswith(RUN_DEFINING)]
     if fatal:
         raise ResumeError(

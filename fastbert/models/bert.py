@@ -409,7 +409,7 @@ class BertModel(BertPreTrainedModel):
         x = enc.x
         seq = torch.div(enc.indices, enc.seqlen, rounding_mode="floor")  # [T]: which sequence a token is in
         sums = torch.zeros(enc.batch, x.shape[1], device=x.device, dtype=torch.float32).index_add_(0, seq, x.float())
-        counts = torch.bincount(seq, minlength=enc.batch).clamp(min=1).unsqueeze(1)
+        counts = (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1]).clamp(min=1).unsqueeze(1)  # static shape [B, 1]
         return (sums / counts).to(x.dtype)
 
     @staticmethod

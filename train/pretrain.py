@@ -19,18 +19,18 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import data as D
-from .config import PretrainConfig, expand_path, load_config, save_config, to_dict
-from .resume import (CKPT_PREFIX, ResumeError, Schedule, StartPlan, latest_checkpoint, lr_at,  # noqa: F401
-                     plan_start)
+from .config import PretrainConfig, expand_path, load_config, save_config
+from .resume import (ResumeError, Schedule, StartPlan, evals_from_metrics, finished_summary, latest_checkpoint,
+                     plan_start, restore, save_checkpoint)
 from .tokenizer import WordPiece, load_tokenizer
-from .utils import (Dist, StopSignals, gpu_peak_flops, mfu, plot_losses, prog_name, read_metrics, rng_state,
-                    seed_all, set_rng_state, setup_distributed, truncate_metrics)
+from .utils import (Dist, StopSignals, gpu_peak_flops, mfu, plot_losses, prog_name, rng_state, seed_all,
+                    setup_distributed, truncate_metrics)
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,40 +94,6 @@ def evaluate(model, batches, device, autocast) -> Dict[str, float]:
     return {"eval_loss": loss_sum / max(n, 1), "eval_acc": correct / max(n, 1), "eval_tokens": n}
 
 
-def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
-                    cfg: PretrainConfig, keep: int, schedule: Optional[Schedule] = None) -> str:
-    """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
-    place last, so a kill at any moment leaves either the complete checkpoint or none."""
-    root = os.path.join(out_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"{CKPT_PREFIX}{step:07d}")
-    for stale in os.listdir(root):  # temp directories of a run killed mid-write (only rank 0 writes here)
-        if stale.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:07d}-{os.getpid()}")
-    raw_model.save_pretrained(tmp)
-    state = {"step": step, "elapsed_s": elapsed,
-             "optimizer": optimizer.state_dict(),
-             "scheduler": {"step": step, "elapsed_s": elapsed, "max_steps": cfg.max_steps,
-                           "max_minutes": cfg.max_minutes, "anchor": schedule.anchor if schedule else None},
-             "rng": rngs,  # one entry per rank
-             "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
-                      "global_batch_size": cfg.global_batch_size},
-             "config": to_dict(cfg)}
-    path = os.path.join(tmp, "trainer_state.pt")
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.isdir(final):  # a re-run of the same step (resume=none into the same dir)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    done = sorted(d for d in os.listdir(root) if d.startswith(CKPT_PREFIX))
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
-
-
 def prepare_data(cfg: PretrainConfig, dist: Dist, log):
     """Tokenizer + tokenized train (and validation) datasets; rank 0 builds the caches, others wait."""
     dc = cfg.data
@@ -180,52 +146,12 @@ def train(cfg: PretrainConfig, log=None) -> Dict:
     cfg.validate()
     plan = plan_start(cfg, os.path.abspath(expand_path(cfg.output_dir)))
     if plan.finished:
-        return _finished_summary(cfg, plan, log)
+        return finished_summary(cfg, plan, log)
     prev_threads = torch.get_num_threads()
     try:
         return _train(cfg, plan, log)
     finally:
         torch.set_num_threads(prev_threads)  # an in-process caller (tests, quickstart) gets its setting back
-
-
-def _evals_from_metrics(metrics_path: str) -> Tuple[Optional[Dict], Optional[Dict]]:
-    """(first, last) held-out rows of ``metrics.jsonl`` (a resumed run reports the whole run's change)."""
-    rows = [r for r in read_metrics(metrics_path) if r.get("split") == "valid"]
-    return (rows[0], rows[-1]) if rows else (None, None)
-
-
-def _finished_summary(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
-    """A rerun of a finished run: say so, write nothing, return the run's summary."""
-    out = plan.out_dir
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    first, last = _evals_from_metrics(metrics_path)
-    budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
-    if int(os.environ.get("RANK", "0")) == 0:
-        (log or (lambda m: print(m, flush=True)))(
-            f"pretrain: {out} already finished its budget ({budget}; checkpoint {plan.checkpoint}); nothing to "
-            f"train, nothing rewritten. To train longer raise max_steps/max_minutes (the LR continues its decay, "
-            f"no new warmup); for a new run use a new --output-dir.")
-    png = os.path.join(out, "loss.png")
-    return {"output_dir": out, "steps": plan.step, "elapsed_s": plan.elapsed_s, "metrics": metrics_path,
-            "checkpoint": plan.checkpoint, "final_dir": os.path.join(out, "final"), "first_eval": first,
-            "last_eval": last, "plot": png if os.path.isfile(png) else None, "already_finished": True,
-            "last_train_loss": next((r["loss"] for r in reversed(read_metrics(metrics_path))
-                                     if r.get("split") == "train"), float("nan"))}
-
-
-def _restore(plan: StartPlan, raw_model, optimizer, dist: Dist, cfg: PretrainConfig, say) -> None:
-    """Load the checkpoint's weights, optimizer and every rank's RNG (all checked by :func:`plan_start`)."""
-    from safetensors.torch import load_file
-    state = plan.state
-    raw_model.load_checkpoint_state(load_file(os.path.join(plan.checkpoint, "model.safetensors")),
-                                    source=plan.checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
-    rngs = state["rng"]
-    if len(rngs) == dist.world:
-        set_rng_state(rngs[dist.rank])
-    else:
-        say(f"warning: checkpoint from {len(rngs)} rank(s), now {dist.world}: dropout RNG reseeded")
-        seed_all(cfg.seed + 1000 * plan.step + dist.rank)
 
 
 def _eval_batches(cfg: PretrainConfig, valid_ds, tok, dist: Dist) -> List:
@@ -291,7 +217,7 @@ def _train(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
 
     step, elapsed = plan.step, plan.elapsed_s
     if plan.state is not None:
-        _restore(plan, raw_model, optimizer, dist, cfg, say)
+        restore(plan, raw_model, optimizer, dist, cfg, say)
         if dist.is_main:
             truncate_metrics(metrics_path, step)
     else:
@@ -473,7 +399,7 @@ def _train(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
         metrics_f.close()
         final_dir = _write_final(out_dir, raw_model, tok, cfg)
         png = _plot(cfg, metrics_path, out_dir)
-        first, last = _evals_from_metrics(metrics_path)
+        first, last = evals_from_metrics(metrics_path)
         summary.update(final_dir=final_dir, plot=png, first_eval=first, last_eval=last)
         say(f"done: {step} steps in {elapsed / 60:.1f} min; final model -> {final_dir}")
         say(f"      metrics -> {metrics_path}" + (f"; loss plot -> {png}" if png else ""))

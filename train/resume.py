@@ -1,20 +1,22 @@
-"""Deciding how a pretraining run starts, before anything is written: fresh, resumed, already finished,
-or refused.
+"""Checkpoints of a pretraining run, and how a run starts: fresh, resumed, already finished, or refused.
 
 :func:`plan_start` reads the run folder (never writes it) and returns a :class:`StartPlan`; a checkpoint
 whose run is incompatible with the configuration raises :class:`ResumeError` naming the fields. The
 learning-rate :class:`Schedule` lives here too, because a resumed run with a longer budget continues its
-decay from where it was (an ``anchor``) instead of jumping back up the new schedule.
+decay from where it was (an ``anchor``) instead of jumping back up the new schedule. :func:`save_checkpoint`
+/ :func:`restore` write and read ``checkpoints/step-NNNNNNN/``.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .config import PretrainConfig, expand_path, to_dict
+from .utils import Dist, read_metrics, seed_all, set_rng_state
 
 CKPT_PREFIX = "step-"
 
@@ -204,3 +206,80 @@ def plan_start(cfg: PretrainConfig, out_dir: str) -> StartPlan:
     done = budget_fraction(plan.step, plan.elapsed_s, cfg.max_steps, cfg.max_minutes) >= 1.0
     plan.finished = done and os.path.isfile(os.path.join(out_dir, "final", "model.safetensors"))
     return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+
+def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
+                    cfg: PretrainConfig, keep: int, schedule: Optional[Schedule] = None) -> str:
+    """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
+    place last, so a kill at any moment leaves either the complete checkpoint or none."""
+    root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"{CKPT_PREFIX}{step:07d}")
+    for stale in os.listdir(root):  # temp directories of a run killed mid-write (only rank 0 writes here)
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:07d}-{os.getpid()}")
+    raw_model.save_pretrained(tmp)
+    state = {"step": step, "elapsed_s": elapsed,
+             "optimizer": optimizer.state_dict(),
+             "scheduler": {"step": step, "elapsed_s": elapsed, "max_steps": cfg.max_steps,
+                           "max_minutes": cfg.max_minutes, "anchor": schedule.anchor if schedule else None},
+             "rng": rngs,  # one entry per rank
+             "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
+                      "global_batch_size": cfg.global_batch_size},
+             "config": to_dict(cfg)}
+    path = os.path.join(tmp, "trainer_state.pt")
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.isdir(final):  # an older checkpoint resumed into its own folder passes this step again
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    done = sorted(d for d in os.listdir(root) if d.startswith(CKPT_PREFIX))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def restore(plan: StartPlan, raw_model, optimizer, dist: Dist, cfg: PretrainConfig, say) -> None:
+    """Load the checkpoint's weights, optimizer and every rank's RNG (all checked by :func:`plan_start`)."""
+    from safetensors.torch import load_file
+    state = plan.state
+    raw_model.load_checkpoint_state(load_file(os.path.join(plan.checkpoint, "model.safetensors")),
+                                    source=plan.checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    rngs = state["rng"]
+    if len(rngs) == dist.world:
+        set_rng_state(rngs[dist.rank])
+    else:
+        say(f"warning: checkpoint from {len(rngs)} rank(s), now {dist.world}: dropout RNG reseeded")
+        seed_all(cfg.seed + 1000 * plan.step + dist.rank)
+
+
+def evals_from_metrics(metrics_path: str) -> Tuple[Optional[Dict], Optional[Dict]]:
+    """(first, last) held-out rows of ``metrics.jsonl`` (a resumed run reports the whole run's change)."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("split") == "valid"]
+    return (rows[0], rows[-1]) if rows else (None, None)
+
+
+def finished_summary(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
+    """A rerun of a finished run: say so, write nothing, return the run's summary."""
+    out = plan.out_dir
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    first, last = evals_from_metrics(metrics_path)
+    budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
+    if int(os.environ.get("RANK", "0")) == 0:
+        (log or (lambda m: print(m, flush=True)))(
+            f"pretrain: {out} already finished its budget ({budget}; checkpoint {plan.checkpoint}); nothing to "
+            f"train, nothing rewritten. To train longer raise max_steps/max_minutes (the LR continues its decay, "
+            f"no new warmup); for a new run use a new --output-dir.")
+    png = os.path.join(out, "loss.png")
+    return {"output_dir": out, "steps": plan.step, "elapsed_s": plan.elapsed_s, "metrics": metrics_path,
+            "checkpoint": plan.checkpoint, "final_dir": os.path.join(out, "final"), "first_eval": first,
+            "last_eval": last, "plot": png if os.path.isfile(png) else None, "already_finished": True,
+            "last_train_loss": next((r["loss"] for r in reversed(read_metrics(metrics_path))
+                                     if r.get("split") == "train"), float("nan"))}

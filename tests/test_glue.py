@@ -227,6 +227,19 @@ def test_tasks_all_names_every_missing_task_and_available_runs_the_rest(fixture_
         glue.run(fixture_ckpt, "available", tmp_path / "empty", None, QUICK)
 
 
+def test_hub_while_offline_says_offline(fixture_ckpt, tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def unreachable(*args, **kwargs):  # what datasets raises offline with an empty cache (no network here)
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert glue.main(["--model", str(fixture_ckpt), "--tasks", "rte", "--data", "hub",
+                      "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--data hub" in err and "offline mode is on" in err and "nyu-mll/glue" in err, err
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks(fixture_ckpt, tmp_path):
     """torchrun with 2 gloo ranks: sharded training, gathered eval, one results file from rank 0."""

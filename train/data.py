@@ -118,7 +118,8 @@ def resolve_source(spec: str, exclude: Sequence[str] = (), hub_config: str = "",
     looks_local = (spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES) or os.sep + os.sep in spec
                    or spec.count("/") > 1)
     if looks_local:
-        raise FileNotFoundError(f"{arg}: no such file or directory {spec!r} (set FASTBERT_DATA or pass a path)")
+        raise FileNotFoundError(f"{arg}: no such file or directory {spec!r} (set FASTBERT_DATA to the data folder, "
+                                "or pass a file, a folder or a Hugging Face hub dataset name)")
     return Source("hub", name=spec, config=hub_config, split=hub_split)
 
 

@@ -222,6 +222,7 @@ class StopSignals:
             return local
         flag = torch.tensor([float(self.signum or 0)], device=dist.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if self.signum is None and flag.item() > 0:
-            self.signum = int(flag.item())  # another rank's signal: report it as ours
-        return flag.item() > 0
+        got = int(flag.item())  # a host sync; the loop already makes one per step
+        if self.signum is None and got:
+            self.signum = got  # another rank's signal: report it as ours
+        return got > 0

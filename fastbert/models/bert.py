@@ -167,12 +167,13 @@ class BertLayer(nn.Module):
     (padded SDPA) -> same shape as x.
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer_idx: int = 0):
         super().__init__()
         H = config.hidden_size
         self.attention = fnn.AlibiSelfAttention(H, config.num_attention_heads,
                                                 alibi=config.position_embedding_type == "alibi",
-                                                attention_dropout=config.attention_probs_dropout_prob)
+                                                attention_dropout=config.attention_probs_dropout_prob,
+                                                window_size=config.attention_window(layer_idx))
         self.attention_norm = fnn.LayerNorm(H, eps=config.layer_norm_eps)
         self.mlp = fnn.GatedMLP(H, config.intermediate_size, gated=config.mlp_type == "glu",
                                 approximate=config.gelu_approximate)
@@ -378,7 +379,7 @@ class BertModel(BertPreTrainedModel):
     def __init__(self, config: BertConfig, add_pooling_layer: bool = False, _init: bool = True):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
         self.pooler = BertPooler(config) if add_pooling_layer else None
         if _init:
             self.init_weights()

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 _POSITION_TYPES = ("alibi", "learned")
 _MLP_TYPES = ("glu", "mlp")
@@ -47,6 +47,12 @@ class BertConfig:
         pad_vocab_size_multiple: the embedding / decoder has ``padded_vocab_size`` rows (vocab rounded up to
             this multiple, for matmul-friendly shapes); 1 disables padding (needed to reproduce HF losses).
         hidden_act: ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        local_attention_window: None (default: every layer attends globally, MosaicBERT) or the total width
+            of the local attention window in tokens, ModernBERT's ``local_attention``: a local layer's
+            query i sees keys ``i - w // 2 .. i + w // 2`` (``window_size = (w // 2, w // 2)``).
+        global_attn_every_n_layers: with a window, layer ``i`` is global when ``i % n == 0`` and local
+            otherwise (ModernBERT's rule; ModernBERT-base uses ``n = 3``, ``w = 128``). Must stay 1 (the
+            default) without a window, and be > 1 with one (n = 1 would make every layer global).
         classifier_pooling: what ``BertForSequenceClassification``'s pooler reads: ``"cls"`` (the first
             token, BERT's choice) or ``"mean"`` (the mean over each sequence's real tokens, as ModernBERT
             offers). After a short MLM-only pretraining [CLS] carries little per-sentence signal (it is
@@ -69,6 +75,8 @@ class BertConfig:
     mlp_type: str = "glu"
     attention_impl: str = "unpadded"
     pad_vocab_size_multiple: int = 64
+    local_attention_window: Optional[int] = None
+    global_attn_every_n_layers: int = 1
     classifier_dropout: Optional[float] = None
     classifier_pooling: str = "cls"
     num_labels: int = 2
@@ -82,8 +90,17 @@ class BertConfig:
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                     "pad_vocab_size_multiple", "num_labels"):
+                     "pad_vocab_size_multiple", "num_labels", "global_attn_every_n_layers"):
             positive(name)
+        if self.local_attention_window is not None:
+            positive("local_attention_window")
+            if self.global_attn_every_n_layers == 1:
+                raise ValueError("global_attn_every_n_layers: 1 makes every layer global, so local_attention_window="
+                                 f"{self.local_attention_window} would be unused; set it > 1 (ModernBERT: 3) or "
+                                 "local_attention_window=None")
+        elif self.global_attn_every_n_layers != 1:
+            raise ValueError(f"global_attn_every_n_layers={self.global_attn_every_n_layers} needs "
+                             "local_attention_window (the width of the local layers' window, ModernBERT: 128)")
         for name, allowed in (("position_embedding_type", _POSITION_TYPES), ("mlp_type", _MLP_TYPES),
                               ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS),
                               ("classifier_pooling", _POOLINGS)):
@@ -109,6 +126,14 @@ class BertConfig:
         """Rows of the word embedding / decoder: ``vocab_size`` rounded up to ``pad_vocab_size_multiple``."""
         m = self.pad_vocab_size_multiple
         return (self.vocab_size + m - 1) // m * m
+
+    def attention_window(self, layer_idx: int) -> Tuple[int, int]:
+        """``window_size`` of layer ``layer_idx``: ``(-1, -1)`` for a global layer, ``(w // 2, w // 2)`` for a
+        local one (ModernBERT: layer i is global when ``i % global_attn_every_n_layers == 0``)."""
+        w = self.local_attention_window
+        if w is None or layer_idx % self.global_attn_every_n_layers == 0:
+            return (-1, -1)
+        return (w // 2, w // 2)
 
     @property
     def head_dim(self) -> int:

@@ -24,7 +24,9 @@ CKPT_PREFIX = "step-"
 # Everything else (logging, evaluation, checkpoint cadence, threads, device, micro-batch, ...) may change.
 RUN_DEFINING = ("model.", "optim.", "data.train", "data.tokenizer", "data.lowercase", "data.train_vocab_size",
                 "data.max_len", "data.mlm_probability", "data.max_documents", "data.text_field", "data.hub_split",
-                "data.hub_config", "global_batch_size", "seed")
+                "data.hub_config", "data.sequence_mode", "data.streaming", "data.stream_chunk_documents",
+                "global_batch_size", "batch_size_ramp", "seed")
+NOT_RUN_DEFINING = ("model.finetune_overrides",)  # read by GLUE finetuning only
 BUDGET_KEYS = ("max_steps", "max_minutes")
 _IGNORED = ("output_dir", "resume")  # where the run goes / how it was asked to start
 
@@ -33,13 +35,15 @@ class ResumeError(ValueError):
     """The run folder or checkpoint cannot be resumed with this configuration (nothing was written)."""
 
 
-def lr_at(frac: float, peak: float, warmup: float, final_ratio: float) -> float:
-    """Linear warmup over the first ``warmup`` fraction of the budget, then linear decay to
-    ``peak * final_ratio`` at ``frac == 1``."""
+def lr_at(frac: float, peak: float, warmup: float, final_ratio: float, initial_ratio: float = 0.0) -> float:
+    """Linear warmup from ``peak * initial_ratio`` over the first ``warmup`` fraction of the budget, then
+    linear decay to ``peak * final_ratio`` at ``frac == 1``. MosaicBERT: (0.06, 0.02, 0); 24hBERT:
+    (0.06, 0, 0); Cramming's "budget-triangle2" is (0.75, 0, 0.25): ``min(0.25 + x, 4 - 4x)``."""
     frac = min(max(frac, 0.0), 1.0)
     if warmup > 0 and frac < warmup:
-        return peak * frac / warmup
+        return peak * (initial_ratio + (1.0 - initial_ratio) * frac / warmup)
     return peak * (final_ratio + (1.0 - final_ratio) * (1.0 - frac) / (1.0 - warmup))
+
 
 
 @dataclass
@@ -51,23 +55,35 @@ class Schedule:
     final_ratio: float
     anchor: Optional[Tuple[float, float]] = None
 
+    initial_ratio: float = 0.0
+
     @classmethod
     def from_config(cls, cfg: PretrainConfig, anchor=None) -> "Schedule":
         o = cfg.optim
-        return cls(o.lr, o.warmup, o.final_lr_ratio, tuple(anchor) if anchor else None)
+        return cls(o.lr, o.warmup, o.final_lr_ratio, tuple(anchor) if anchor else None, o.initial_lr_ratio)
 
     def lr(self, frac: float) -> float:
         if self.anchor is None or frac < self.anchor[0]:
-            return lr_at(frac, self.peak, self.warmup, self.final_ratio)
+            return lr_at(frac, self.peak, self.warmup, self.final_ratio, self.initial_ratio)
         a, lr_a = self.anchor
         floor = self.peak * self.final_ratio
         t = min(1.0, (frac - a) / (1.0 - a)) if a < 1.0 else 1.0
         return lr_a + (floor - lr_a) * t
 
 
-def budget_fraction(step: int, elapsed_s: float, max_steps: int, max_minutes: float) -> float:
-    """How much of the budget ``step`` steps / ``elapsed_s`` seconds of training have used."""
+def used(step: int, elapsed_s: float, max_steps: int, max_minutes: float) -> float:
+    """How much of the budget ``step`` steps / ``elapsed_s`` seconds of training have used (>= 1: done)."""
     return step / max_steps if max_steps else elapsed_s / (max_minutes * 60.0)
+
+
+def position(step: int, elapsed_s: float, max_steps: int, max_minutes: float, first_step_s: float) -> float:
+    """Where the LR schedule stands after ``step`` steps, counted as :func:`train.pretrain.budget_fraction`
+    counts it (a wall-clock budget's clock starts after the first step)."""
+    if max_steps:
+        return step / max_steps
+    if step == 0:
+        return 0.0
+    return max(elapsed_s - first_step_s, 0.0) / max(max_minutes * 60.0 - first_step_s, 1e-9)
 
 
 def latest_checkpoint(out_dir: str) -> Optional[str]:
@@ -147,7 +163,8 @@ def _find_checkpoint(cfg: PretrainConfig, out_dir: str) -> Optional[str]:
     return ckpt
 
 
-def _budget_change(cfg: PretrainConfig, sched: Dict[str, Any], step: int, elapsed: float, where: str):
+def _budget_change(cfg: PretrainConfig, sched: Dict[str, Any], step: int, elapsed: float, first_s: float,
+                   where: str):
     """(anchor, note) when the budget differs from the checkpoint's; raises when it cannot continue."""
     old_steps, old_min = sched["max_steps"], sched["max_minutes"]
     if (old_steps, old_min) == (cfg.max_steps, cfg.max_minutes):
@@ -157,12 +174,12 @@ def _budget_change(cfg: PretrainConfig, sched: Dict[str, Any], step: int, elapse
     if bool(old_steps) != bool(cfg.max_steps):
         raise ResumeError(f"resume {where}: its budget was {old_b}, now {new_b}; a step budget and a wall-clock "
                           "budget cannot be swapped on resume (use the same kind, or a new --output-dir)")
-    new_frac = budget_fraction(step, elapsed, cfg.max_steps, cfg.max_minutes)
-    if new_frac >= 1.0:
+    if used(step, elapsed, cfg.max_steps, cfg.max_minutes) >= 1.0:
         raise ResumeError(f"resume {where}: the checkpoint is at step {step} ({elapsed / 60:.1f} min), already "
                           f"beyond the new budget {new_b} (was {old_b}); give a larger budget or a new --output-dir")
     old = Schedule.from_config(cfg, sched.get("anchor"))
-    old_frac = budget_fraction(step, elapsed, old_steps, old_min)
+    old_frac = position(step, elapsed, old_steps, old_min, first_s)
+    new_frac = position(step, elapsed, cfg.max_steps, cfg.max_minutes, first_s)
     if old_frac < cfg.optim.warmup and not sched.get("anchor"):
         return None, (f"budget {old_b} -> {new_b} during warmup: the warmup now spans {cfg.optim.warmup:.0%} "
                       "of the new budget")
@@ -186,7 +203,7 @@ def plan_start(cfg: PretrainConfig, out_dir: str) -> StartPlan:
         return plan
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
     changes = config_diff(_same_paths(state.get("config", {})), _same_paths(to_dict(cfg)))
-    fatal = [c for c in changes if c[0].startswith(RUN_DEFINING)]
+    fatal = [c for c in changes if c[0].startswith(RUN_DEFINING) and not c[0].startswith(NOT_RUN_DEFINING)]
     if fatal:
         raise ResumeError(
             f"resume: {ckpt} was trained with different settings: {_fmt(fatal)}. Resuming would mix two runs "
@@ -197,13 +214,14 @@ def plan_start(cfg: PretrainConfig, out_dir: str) -> StartPlan:
     sched = state.get("scheduler", {})
     sched.setdefault("max_steps", state.get("config", {}).get("max_steps", cfg.max_steps))
     sched.setdefault("max_minutes", state.get("config", {}).get("max_minutes", cfg.max_minutes))
-    plan.anchor, budget_note = _budget_change(cfg, sched, plan.step, plan.elapsed_s, ckpt)
-    other = [c for c in changes if not c[0].startswith(RUN_DEFINING + BUDGET_KEYS)]
+    first_s = float(state.get("data", {}).get("first_step_s", 0.0))
+    plan.anchor, budget_note = _budget_change(cfg, sched, plan.step, plan.elapsed_s, first_s, ckpt)
+    other = [c for c in changes if c not in fatal and not c[0].startswith(BUDGET_KEYS)]
     if other:
         plan.notes.append(f"settings changed since the checkpoint (allowed): {_fmt(other)}")
     if budget_note:
         plan.notes.append(budget_note)
-    done = budget_fraction(plan.step, plan.elapsed_s, cfg.max_steps, cfg.max_minutes) >= 1.0
+    done = used(plan.step, plan.elapsed_s, cfg.max_steps, cfg.max_minutes) >= 1.0
     plan.finished = done and os.path.isfile(os.path.join(out_dir, "final", "model.safetensors"))
     return plan
 
@@ -212,7 +230,8 @@ def plan_start(cfg: PretrainConfig, out_dir: str) -> StartPlan:
 # Checkpoint files
 
 def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
-                    cfg: PretrainConfig, keep: int, schedule: Optional[Schedule] = None) -> str:
+                    cfg: PretrainConfig, keep: int, data: Optional[Dict] = None,
+                    schedule: Optional[Schedule] = None) -> str:
     """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
     place last, so a kill at any moment leaves either the complete checkpoint or none."""
     root = os.path.join(out_dir, "checkpoints")
@@ -229,7 +248,7 @@ def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: floa
                            "max_minutes": cfg.max_minutes, "anchor": schedule.anchor if schedule else None},
              "rng": rngs,  # one entry per rank
              "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
-                      "global_batch_size": cfg.global_batch_size},
+                      "global_batch_size": cfg.global_batch_size, **(data or {})},
              "config": to_dict(cfg)}
     path = os.path.join(tmp, "trainer_state.pt")
     with open(path, "wb") as f:

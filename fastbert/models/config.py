@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-_POSITION_TYPES = ("alibi", "learned")
+_POSITION_TYPES = ("alibi", "learned", "sinusoidal")
 _MLP_TYPES = ("glu", "mlp")
 _ATTENTION_IMPLS = ("unpadded", "padded_sdpa")
 _ACTIVATIONS = ("gelu", "gelu_tanh")
+_LN_POSITIONS = ("post", "pre")
+_MLM_HEADS = ("sparse", "dense")
 _POOLINGS = ("cls", "mean")
 
 _SIZES: Dict[str, Dict[str, int]] = {
@@ -27,9 +29,12 @@ _SIZES: Dict[str, Dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-# Classic BERT (Devlin et al.): learned absolute positions, GELU MLP, padded attention with dropout.
+# Classic BERT (Devlin et al.; Hugging Face's BertForMaskedLM, the baseline of the MosaicBERT paper): learned
+# absolute positions, GELU MLP, padded attention with dropout, fp32 LayerNorm, the unpadded 30,522-row
+# vocabulary and an MLM head that scores every position.
 BASELINE_OVERRIDES: Dict[str, Any] = dict(position_embedding_type="learned", mlp_type="mlp",
-                                          attention_impl="padded_sdpa", attention_probs_dropout_prob=0.1)
+                                          attention_impl="padded_sdpa", attention_probs_dropout_prob=0.1,
+                                          fp32_layer_norm=True, pad_vocab_size_multiple=1, mlm_head="dense")
 
 
 @dataclass
@@ -57,6 +62,26 @@ class BertConfig:
             token, BERT's choice) or ``"mean"`` (the mean over each sequence's real tokens, as ModernBERT
             offers). After a short MLM-only pretraining [CLS] carries little per-sentence signal (it is
             never a prediction target); the mean of the token states does.
+
+    Switches for the recipes of other papers (defaults: MosaicBERT's):
+        position_embedding_type ``"sinusoidal"``: fixed sine/cosine positions times one learned scalar
+            (initialised to ``1/sqrt(hidden_size)``; Cramming's "scaled-sinusoidal").
+        layer_norm_position: ``"post"`` (BERT, MosaicBERT: ``x = LN(x + f(x))``) or ``"pre"``
+            (``x = x + f(LN(x))``, with a final LayerNorm after the last layer, ``bert.final_norm``;
+            24hBERT and Cramming).
+        linear_bias: biases on the attention (``Wqkv``, ``out_proj``) and MLP (``wi``, ``wo``) projections
+            (False: Cramming's bias-free layers; LayerNorm keeps its bias).
+        mlm_head_transform: the MLM head's ``dense -> GELU -> LayerNorm`` before the decoder (False: the
+            decoder reads the encoder output directly, Cramming's ``skip_head_transform``).
+        mlm_decoder_bias: the decoder's own bias ``head.bias`` (False: Cramming's ``decoder_bias: False``).
+        embedding_layer_norm: LayerNorm on the embedding sum (False: 24hBERT's default
+            ``layernorm_embedding=False``; with pre-LN the first layer normalises its input anyway).
+        mlm_head: ``"sparse"`` (only labelled rows reach the vocabulary projection; MosaicBERT, 24hBERT,
+            Cramming) or ``"dense"`` (every position of the padded batch is projected and scored, as
+            Hugging Face's ``BertForMaskedLM``: the classic baseline).
+        fp32_layer_norm: LayerNorm computes and returns fp32 and the residual stream stays fp32 (what
+            ``torch.nn.LayerNorm`` does under autocast: the classic baseline) instead of fastbert's
+            low-precision LayerNorm (input dtype out, fp32 statistics; MosaicBERT).
     """
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -80,6 +105,13 @@ class BertConfig:
     classifier_dropout: Optional[float] = None
     classifier_pooling: str = "cls"
     num_labels: int = 2
+    layer_norm_position: str = "post"
+    linear_bias: bool = True
+    mlm_head_transform: bool = True
+    mlm_decoder_bias: bool = True
+    mlm_head: str = "sparse"
+    embedding_layer_norm: bool = True
+    fp32_layer_norm: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used)
 
     def __post_init__(self):
@@ -103,9 +135,13 @@ class BertConfig:
                              "local_attention_window (the width of the local layers' window, ModernBERT: 128)")
         for name, allowed in (("position_embedding_type", _POSITION_TYPES), ("mlp_type", _MLP_TYPES),
                               ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS),
+                              ("layer_norm_position", _LN_POSITIONS), ("mlm_head", _MLM_HEADS),
                               ("classifier_pooling", _POOLINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("linear_bias", "mlm_head_transform", "mlm_decoder_bias", "fp32_layer_norm", "embedding_layer_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")

@@ -3,7 +3,7 @@
 Why (measured, README "Pretraining"): after the quickstart's 250-step MLM pretraining the [CLS] state is
 almost the same for every sentence (its spread is 13% of its norm; the mean of the token states spreads
 64%), because MLM without next-sentence prediction never makes [CLS] a target. A [CLS] classifier trained
-for one epoch (125 steps) then scores 0.63-0.66 over seeds at LR 5e-4 (0.509 = the majority class in
+for one epoch (125 steps) then scores 0.62-0.67 over seeds at LR 5e-4 (0.509 = the majority class in
 the issue's run) and 0.509 for every seed at 1e-4..2e-4. The fix: pool the token mean, and train the
 recipe's 3 epochs.
 

@@ -26,7 +26,7 @@ TINY_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 # SST-2 on the 2-layer model pretrained for 250 steps (measured over seeds: README "Pretraining",
 # tests/test_quickstart.py). After a short MLM pretraining without next-sentence prediction, [CLS] has never
 # been a training target and its state is nearly the same for every sentence; a [CLS] classifier trained
-# for one epoch (125 steps) scores 0.63-0.66 over seeds at LR 5e-4 (0.509, the majority class, in the
+# for one epoch (125 steps) scores 0.62-0.67 over seeds at LR 5e-4 (0.509, the majority class, in the
 # issue's run) and 0.509 for every seed at 1e-4..2e-4. So the classifier reads the mean of the token
 # states, and trains for the recipe's 3 epochs.
 GLUE_OVERRIDES = {"seeds": 1, "epochs": 3, "max_train_examples": 4000, "max_seq_len": 64, "batch_size": 32,

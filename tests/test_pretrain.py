@@ -303,7 +303,8 @@ def test_extending_the_budget_continues_the_decay_without_warmup(corpus, referen
     # Mid-run (step 6 of 10) to 20 steps, into a new folder: a straight line from the step-6 LR to the floor.
     ext = tmp_path / "ext"
     lr6 = train_rows(reference)[6]["lr"]
-    assert main(overrides(corpus, ext, **dict(REF_KW, max_steps=20, resume=reference / "checkpoints" / "step-0000006"))) == 0
+    step6 = reference / "checkpoints" / "step-0000006"
+    assert main(overrides(corpus, ext, **dict(REF_KW, max_steps=20, resume=step6))) == 0
     rows = train_rows(ext)
     assert sorted(rows) == list(range(7, 21))
     for s in rows:

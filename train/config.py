@@ -149,7 +149,7 @@ class PretrainConfig:
     eval_sequences: int = 512                # held-out sequences per evaluation
     checkpoint_every: int = 0                # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
-    resume: str = "auto"                     # auto (latest checkpoint in output_dir, if any) | none (new folder) | <dir>
+    resume: str = "auto"                     # auto (latest checkpoint in output_dir) | none (a new folder) | <dir>
     progress: bool = True                    # tqdm progress bar
     plot: bool = True                        # DIR/loss.png at the end
     debug_nan_at_step: int = 0               # test knob: make the loss NaN at this step

@@ -248,15 +248,14 @@ def test_ddp_two_cpu_ranks(fixture_ckpt, tmp_path):
     """torchrun with 2 gloo ranks: sharded training, gathered eval, one results file from rank 0."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 does not pick one)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+    # --standalone: the rendezvous store binds port 0 itself and keeps it. A port picked free here and passed
+    # as --master_port stays unbound until torchrun has started (seconds under load); any process on a shared
+    # machine that takes it meanwhile makes the launcher fail with EADDRINUSE.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "train.glue", "--model", str(fixture_ckpt), "--tasks", "mnli,rte", "--data", str(FIXTURES),
            "--output-dir", str(tmp_path), "max_seq_len=32", "epochs=1", "seeds=1", "batch_size=4",
            "progress=false"]

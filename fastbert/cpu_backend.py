@@ -1,0 +1,269 @@
+"""The ``cpu`` backend: every fastbert primitive through PyTorch's fused CPU kernels (ATen).
+
+``auto`` picks it for CPU tensors before the reference (``fastbert.registry.AUTO_ORDER["cpu"]``). The
+reference (``fastbert/reference.py``) stays the specification and is written to be obviously correct:
+padded ``[B, H, S, S]`` fp32 scores with a materialised bias, GELU derivatives composed from a dozen
+elementwise ops. This backend computes the same functions with the kernels ATen already vectorises and
+parallelises on a CPU:
+
+* attention: ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward (FlashAttention-2
+  structure, natural-log LSE returned by the forward), one call per sequence on strided views of the
+  packed ``[T, H, D]`` tensors, so nothing is padded or copied in; the ALiBi bias (and a sliding window,
+  folded in as ``-inf`` outside the band) is an additive ``attn_mask`` shared by every sequence. Measured
+  against one call over the padded batch (what Hugging Face's SDPA path runs) and against exact-length
+  groups, per-sequence calls were the fastest at batch 32, lengths 8-66 (see ``bench/test_bench_cpu.py``);
+* GELU / GeGLU: ``aten::gelu`` and ``aten::gelu_backward`` (one vectorised pass each) instead of the
+  reference's composed derivative;
+* LayerNorm: ``aten::native_layer_norm`` / ``native_layer_norm_backward`` (fp32 statistics, mixed
+  bf16/fp16 input with fp32 parameters);
+* MLM loss: ``fastbert.ops.mlm_chunked`` (labelled rows only, chunked fp32 GEMMs) with an ATen row kernel;
+* padding: ``index_select`` / ``index_copy_``, which is what the reference already does.
+
+Numerics: fp32 inputs compute in fp32. bf16/fp16 inputs are upcast to fp32 and the results rounded once,
+as the reference does (attention included: ATen's low-precision CPU flash kernel uses an approximate exp
+and was slower on the machines measured). fp64 goes to the reference (``BACKENDS["cpu"].dtypes``), so
+``gradcheck`` keeps running on ``torch``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss
+from fastbert.reference import index_gather_fwd, index_scatter_fwd  # noqa: F401 - already index_select / index_copy_
+
+Tensor = torch.Tensor
+
+_LOWP = (torch.bfloat16, torch.float16)
+_ATTN_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def why_not(device) -> Optional[str]:
+    """None when ``device`` is a CPU and this torch has ATen's CPU flash attention; else why not."""
+    if torch.device(device).type != "cpu":
+        return f"the cpu backend runs ATen's CPU kernels on CPU tensors, got device {device}"
+    missing = [op for op in _ATTN_OPS if not hasattr(torch.ops.aten, op)]
+    if missing:
+        return f"this torch ({torch.__version__}) lacks aten::{missing[0]} (PyTorch >= 2.3 has it)"
+    return None
+
+
+def unsupported(primitive: str, *args) -> Optional[str]:
+    """Every fp32/bf16/fp16 input runs (the registry keeps fp64 on the reference); None."""
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+def _sequences(cu_seqlens: Tensor) -> List[Tuple[int, int, int]]:
+    """``(b, start, end)`` of every non-empty sequence (cu_seqlens is read once; it is on the CPU)."""
+    cu = cu_seqlens.tolist()
+    return [(b, s, e) for b, (s, e) in enumerate(zip(cu[:-1], cu[1:])) if e > s]
+
+
+def _masks(alibi_slopes: Optional[Tensor], window_size, seqs) -> Callable[[int, int], Optional[Tensor]]:
+    """``mask(b, n)`` -> the additive fp32 ``attn_mask`` ``[1, H or 1, n, n]`` of sequence ``b`` (``n``
+    tokens), or None when there is neither ALiBi nor a window.
+
+    The bias depends on ``j - i`` only, so one ``[H, S, S]`` tensor for the longest sequence serves every
+    sequence as its top-left ``n x n`` view; slopes that differ between sequences (``[B, H]`` with
+    distinct rows) get one tensor per sequence instead.
+    """
+    left, right = (int(w) for w in window_size)
+    windowed = left >= 0 or right >= 0
+    if alibi_slopes is None and not windowed:
+        return lambda b, n: None
+
+    def build(slopes: Optional[Tensor], n: int) -> Tensor:
+        pos = torch.arange(n, dtype=torch.float32)
+        rel = pos[None, :] - pos[:, None]  # j - i
+        m = torch.zeros((1, n, n)) if slopes is None else slopes.float()[:, None, None] * -rel.abs()
+        if left >= 0:
+            m.masked_fill_(rel < -left, float("-inf"))
+        if right >= 0:
+            m.masked_fill_(rel > right, float("-inf"))
+        return m[None]
+
+    if alibi_slopes is None or bool((alibi_slopes == alibi_slopes[:1]).all()):
+        full = build(None if alibi_slopes is None else alibi_slopes[0], max(e - s for _, s, e in seqs))
+        return lambda b, n: full[:, :, :n, :n]
+    return lambda b, n: build(alibi_slopes[b], n)
+
+
+def _f32(t: Tensor) -> Tensor:
+    """bf16/fp16 attention runs ATen's fp32 kernel: its low-precision kernel takes a fast approximate exp
+    (LSE ~20x further from the fp64 reference than an fp32 computation) and measured slower here."""
+    return t.float() if t.dtype in _LOWP else t
+
+
+def _bhsd(t: Tensor, s: int, e: int) -> Tensor:
+    """Tokens ``s:e`` of a packed ``[T, H, D]`` tensor as a ``[1, H, n, D]`` view (no copy)."""
+    return t[s:e].unsqueeze(0).transpose(1, 2)
+
+
+def _packed(parts: List[Tensor]) -> Tensor:
+    """Per-sequence ``[1, H, n, D]`` results back into one packed ``[T, H, D]`` tensor."""
+    return torch.cat([p[0].transpose(0, 1) for p in parts])
+
+
+def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1)):
+    """Primitive (see ``fastbert.reference.flash_attn_fwd``): ``(out [T, H, D] q.dtype, lse [H, T] fp32)``.
+
+    ``max_seqlen`` is not used: the lengths come from ``cu_seqlens`` itself, so a loose (or, under
+    ``torch.compile``, unchecked) value cannot change the result.
+    """
+    T, H, D = q.shape
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    seqs = _sequences(cu_seqlens)
+    if not seqs:  # no tokens at all
+        return torch.empty((T, H, D), dtype=q.dtype), torch.empty((H, T), dtype=torch.float32)
+    mask = _masks(alibi_slopes, window_size, seqs)
+    qf, kf, vf = (_f32(t) for t in (q, k, v))
+    outs, lses = [], []
+    for b, s, e in seqs:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(qf, s, e), _bhsd(kf, s, e), _bhsd(vf, s, e), 0.0, False, attn_mask=mask(b, e - s), scale=scale)
+        outs.append(o)
+        lses.append(lse[0])
+    return _packed(outs).to(q.dtype), torch.cat(lses, dim=1)
+
+
+def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None,
+                   window_size=(-1, -1)):
+    """Primitive (see ``fastbert.reference.flash_attn_bwd``): ``(dq, dk, dv)``, each ``[T, H, D]`` q.dtype."""
+    T, H, D = q.shape
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    seqs = _sequences(cu_seqlens)
+    if not seqs:
+        return tuple(torch.empty((T, H, D), dtype=q.dtype) for _ in range(3))
+    mask = _masks(alibi_slopes, window_size, seqs)
+    dof, qf, kf, vf, of = (_f32(t) for t in (dout, q, k, v, out))
+    grads = ([], [], [])
+    for b, s, e in seqs:
+        g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dof, s, e), _bhsd(qf, s, e), _bhsd(kf, s, e), _bhsd(vf, s, e), _bhsd(of, s, e),
+            lse[None, :, s:e], 0.0, False, attn_mask=mask(b, e - s), scale=scale)
+        for acc, t in zip(grads, g):
+            acc.append(t)
+    return tuple(_packed(parts).to(q.dtype) for parts in grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU family
+# ----------------------------------------------------------------------------------------------
+def _biased(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x + bias`` in the compute dtype (fp32 for bf16/fp16, as the reference), always a fresh tensor
+    when it differs from x (callers may then work on it in place)."""
+    h = x.float() if x.dtype in _LOWP else x
+    if bias is not None:
+        h = torch.add(h, bias.to(h.dtype))
+    return h
+
+
+def bias_gelu_fwd(x, bias, approximate):
+    """Primitive: ``gelu(x + bias)``, x ``[M, N]`` -> ``[M, N]`` x.dtype."""
+    h = _biased(x, bias)
+    if h is x:
+        return torch.nn.functional.gelu(x, approximate=approximate)
+    return torch.ops.aten.gelu_(h, approximate=approximate).to(x.dtype)  # h is ours: in place
+
+
+def bias_gelu_bwd(dy, x, bias, approximate):
+    """Primitive: ``(dx [M, N] x.dtype, dbias [N] or None)`` through ``aten::gelu_backward``."""
+    h = _biased(x, bias)
+    dh = torch.ops.aten.gelu_backward(dy.to(h.dtype), h, approximate=approximate)
+    dbias = dh.sum(0).to(bias.dtype) if bias is not None else None
+    return dh.to(x.dtype), dbias
+
+
+def geglu_fwd(x, bias, approximate):
+    """Primitive: ``gelu(a) * g`` with ``a, g = (x + bias).chunk(2, -1)``; x ``[M, 2N]`` -> ``[M, N]``."""
+    h = _biased(x, bias)
+    a, g = h.chunk(2, dim=-1)
+    y = torch.nn.functional.gelu(a, approximate=approximate)
+    y.mul_(g)
+    return y.to(x.dtype)
+
+
+def geglu_bwd(dy, x, bias, approximate):
+    """Primitive: ``(dx [M, 2N] x.dtype, dbias [2N] or None)``; ``dx[:, :N]`` the GELU half's grad,
+    ``dx[:, N:]`` the gate's."""
+    h = _biased(x, bias)
+    a, g = h.chunk(2, dim=-1)
+    N = a.shape[1]
+    d = dy.to(h.dtype)
+    dh = torch.empty((h.shape[0], 2 * N), dtype=h.dtype)
+    torch.mul(d, torch.nn.functional.gelu(a, approximate=approximate), out=dh[:, N:])
+    torch.ops.aten.gelu_backward.grad_input(d * g, a, approximate=approximate, grad_input=dh[:, :N])
+    dbias = dh.sum(0).to(bias.dtype) if bias is not None else None
+    return dh.to(x.dtype), dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+# ----------------------------------------------------------------------------------------------
+def _ln_weight(weight: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The weight ATen's LayerNorm gets: fp32 parameters put bf16/fp16 input on its mixed-type path,
+    whose statistics are fp32 (with low-precision or absent parameters they would be rounded to x.dtype),
+    so a missing weight becomes ones there."""
+    if weight is not None:
+        return weight.float()
+    if x.dtype in _LOWP:
+        return torch.ones(x.shape[1], dtype=torch.float32)
+    return None
+
+
+def layer_norm_fwd(x, weight, bias, residual, eps):
+    """Primitive: ``(y, z or None, mean [M] fp32, rstd [M] fp32)`` through ``aten::native_layer_norm``."""
+    z = None if residual is None else torch.add(x, residual)
+    h = x if z is None else z
+    M, N = h.shape
+    w = _ln_weight(weight, h)
+    b = bias.to(w.dtype if w is not None else h.dtype) if bias is not None else None
+    y, mean, rstd = torch.native_layer_norm(h, [N], w, b, float(eps))
+    return y, z, mean.view(M), rstd.view(M)
+
+
+def layer_norm_bwd(dy, z, weight, has_bias, mean, rstd, dz_extra):
+    """Primitive: ``(dz, dweight or None, dbias or None)`` through ``aten::native_layer_norm_backward``.
+
+    bf16/fp16 gradients are computed in fp32 and rounded once (ATen's mixed-type backward reduces
+    ``dweight`` from rounded products, several bf16 ulps off the fp32 reference)."""
+    M, N = z.shape
+    acc = torch.float32
+    g, h = dy.to(acc), z.to(acc)
+    w = weight.to(acc) if weight is not None else None
+    # ATen sizes and types dbias from the bias argument, whose values the backward never reads.
+    b = (w if w is not None else torch.empty(N, dtype=acc)) if has_bias else None
+    dz, dw, db = torch.ops.aten.native_layer_norm_backward(
+        g, h, [N], mean.view(M, 1), rstd.view(M, 1), w, b, [True, weight is not None, bool(has_bias)])
+    if dz_extra is not None:
+        dz = dz.add_(dz_extra)
+    pdt = weight.dtype if weight is not None else dy.dtype
+    return dz.to(z.dtype), (dw.to(weight.dtype) if weight is not None else None), \
+        (db.to(pdt) if has_bias else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse MLM loss
+# ----------------------------------------------------------------------------------------------
+def cross_entropy_rows(logits: Tensor, targets: Tensor, grad_scale: Optional[float]) -> Tensor:
+    """The MLM row kernel (``fastbert.ops.mlm_chunked``): per-row ``logsumexp - logits[target]`` ``[c]``
+    fp32; with a float ``grad_scale``, ``logits`` is overwritten with ``grad_scale * (softmax - onehot)``."""
+    lse = torch.logsumexp(logits, dim=1)
+    loss = lse - logits.gather(1, targets[:, None])[:, 0]
+    if grad_scale is not None:
+        rows = torch.arange(logits.shape[0])
+        # exp(l - lse + log(scale)) = scale * softmax: the scale folds into the one exp pass.
+        logits.sub_((lse - math.log(grad_scale))[:, None]).exp_()
+        logits.index_put_((rows, targets), torch.tensor(-grad_scale, dtype=logits.dtype), accumulate=True)
+    return loss
+
+
+def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad):
+    """Primitive (see ``fastbert.reference.sparse_mlm_loss_fwd``)."""
+    return chunked_sparse_mlm_loss(hidden, labels, weight, bias, ignore_index, compute_grad,
+                                   row_kernel=cross_entropy_rows)

@@ -14,8 +14,8 @@ parallelises on a CPU:
   groups, per-sequence calls were the fastest at batch 32, lengths 8-66 (see ``bench/test_bench_cpu.py``);
 * GELU / GeGLU: ``aten::gelu`` and ``aten::gelu_backward`` (one vectorised pass each) instead of the
   reference's composed derivative;
-* LayerNorm: ``aten::native_layer_norm`` / ``native_layer_norm_backward`` (fp32 statistics, mixed
-  bf16/fp16 input with fp32 parameters);
+* LayerNorm: ``aten::native_layer_norm`` / ``native_layer_norm_backward`` on centred fp32 rows (ATen
+  alone cancels digits when a row's mean dwarfs its spread);
 * MLM loss: ``fastbert.ops.mlm_chunked`` (labelled rows only, chunked fp32 GEMMs) with an ATen row kernel;
 * padding: ``index_select`` / ``index_copy_``, which is what the reference already does.
 
@@ -205,15 +205,14 @@ def geglu_bwd(dy, x, bias, approximate):
 # ----------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------
-def _ln_weight(weight: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
-    """The weight ATen's LayerNorm gets: fp32 parameters put bf16/fp16 input on its mixed-type path,
-    whose statistics are fp32 (with low-precision or absent parameters they would be rounded to x.dtype),
-    so a missing weight becomes ones there."""
-    if weight is not None:
-        return weight.float()
-    if x.dtype in _LOWP:
-        return torch.ones(x.shape[1], dtype=torch.float32)
-    return None
+# ATen's CPU LayerNorm takes the variance in one pass (E[x^2] - mean^2) and forms the gradient from x and
+# mean separately: both cancel when |mean| >> std (rows of 1 + 0.01 * noise: rstd ~1e-5 off, 30x the
+# fp32 reference's error, and dz past the tolerance rule). Both primitives therefore hand ATen the centred
+# rows ``z - mean`` in fp32 (its mean is then ~0 and nothing cancels): one extra pass, which for bf16/fp16
+# is also the upcast (results are rounded once, as the reference does).
+def _centred(z: Tensor, mean: Tensor) -> Tensor:
+    """``z - mean[:, None]`` in fp32, ``[M, N]``."""
+    return torch.sub(z, mean.view(-1, 1).float())
 
 
 def layer_norm_fwd(x, weight, bias, residual, eps):
@@ -221,25 +220,26 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     z = None if residual is None else torch.add(x, residual)
     h = x if z is None else z
     M, N = h.shape
-    w = _ln_weight(weight, h)
-    b = bias.to(w.dtype if w is not None else h.dtype) if bias is not None else None
-    y, mean, rstd = torch.native_layer_norm(h, [N], w, b, float(eps))
-    return y, z, mean.view(M), rstd.view(M)
+    mean = h.mean(1, dtype=torch.float32)
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    y, _, rstd = torch.native_layer_norm(_centred(h, mean), [N], w, b, float(eps))
+    return y.to(x.dtype), z, mean, rstd.view(M)
 
 
 def layer_norm_bwd(dy, z, weight, has_bias, mean, rstd, dz_extra):
-    """Primitive: ``(dz, dweight or None, dbias or None)`` through ``aten::native_layer_norm_backward``.
-
-    bf16/fp16 gradients are computed in fp32 and rounded once (ATen's mixed-type backward reduces
-    ``dweight`` from rounded products, several bf16 ulps off the fp32 reference)."""
+    """Primitive: ``(dz, dweight or None, dbias or None)`` through ``aten::native_layer_norm_backward``
+    on the centred rows (fp32, rounded once to z.dtype)."""
     M, N = z.shape
     acc = torch.float32
-    g, h = dy.to(acc), z.to(acc)
     w = weight.to(acc) if weight is not None else None
     # ATen sizes and types dbias from the bias argument, whose values the backward never reads.
     b = (w if w is not None else torch.empty(N, dtype=acc)) if has_bias else None
     dz, dw, db = torch.ops.aten.native_layer_norm_backward(
-        g, h, [N], mean.view(M, 1), rstd.view(M, 1), w, b, [True, weight is not None, bool(has_bias)])
+        dy.to(acc), _centred(z, mean), [N], torch.zeros((M, 1), dtype=acc), rstd.view(M, 1), w, b,
+        [True, weight is not None, bool(has_bias)])
+    if N == 1:  # a one-wide row normalises to exactly 0 whatever z is; ATen's formula leaves rounding noise
+        dz.zero_()
     if dz_extra is not None:
         dz = dz.add_(dz_extra)
     pdt = weight.dtype if weight is not None else dy.dtype

@@ -58,23 +58,22 @@ def unsupported(primitive: str, *args) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------
-def _sequences(cu_seqlens: Tensor) -> List[Tuple[int, int, int]]:
-    """``(b, start, end)`` of every non-empty sequence (cu_seqlens is read once; it is on the CPU)."""
+def _lengths(cu_seqlens: Tensor) -> List[int]:
+    """Sequence lengths (cu_seqlens is read once; it is on the CPU)."""
     cu = cu_seqlens.tolist()
-    return [(b, s, e) for b, (s, e) in enumerate(zip(cu[:-1], cu[1:])) if e > s]
+    return [e - s for s, e in zip(cu[:-1], cu[1:])]
 
 
-def _masks(alibi_slopes: Optional[Tensor], window_size, seqs) -> Callable[[int, int], Optional[Tensor]]:
+def _masks(alibi_slopes: Optional[Tensor], window_size, S: int) -> Callable[[int, int], Optional[Tensor]]:
     """``mask(b, n)`` -> the additive fp32 ``attn_mask`` ``[1, H or 1, n, n]`` of sequence ``b`` (``n``
     tokens), or None when there is neither ALiBi nor a window.
 
-    The bias depends on ``j - i`` only, so one ``[H, S, S]`` tensor for the longest sequence serves every
-    sequence as its top-left ``n x n`` view; slopes that differ between sequences (``[B, H]`` with
-    distinct rows) get one tensor per sequence instead.
+    The bias depends on ``j - i`` only, so one ``[H, S, S]`` tensor for the longest sequence (``S``) serves
+    every sequence as its top-left ``n x n`` block (a strided view, which the kernel reads as such);
+    slopes that differ between sequences (``[B, H]`` with distinct rows) get one tensor per sequence.
     """
     left, right = (int(w) for w in window_size)
-    windowed = left >= 0 or right >= 0
-    if alibi_slopes is None and not windowed:
+    if alibi_slopes is None and left < 0 and right < 0:
         return lambda b, n: None
 
     def build(slopes: Optional[Tensor], n: int) -> Tensor:
@@ -88,8 +87,9 @@ def _masks(alibi_slopes: Optional[Tensor], window_size, seqs) -> Callable[[int, 
         return m[None]
 
     if alibi_slopes is None or bool((alibi_slopes == alibi_slopes[:1]).all()):
-        full = build(None if alibi_slopes is None else alibi_slopes[0], max(e - s for _, s, e in seqs))
-        return lambda b, n: full[:, :, :n, :n]
+        full = build(None if alibi_slopes is None else alibi_slopes[0], S)
+        size, stride = full.shape[:2], full.stride()
+        return lambda b, n: full.as_strided(size + (n, n), stride)
     return lambda b, n: build(alibi_slopes[b], n)
 
 
@@ -99,14 +99,18 @@ def _f32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in _LOWP else t
 
 
-def _bhsd(t: Tensor, s: int, e: int) -> Tensor:
-    """Tokens ``s:e`` of a packed ``[T, H, D]`` tensor as a ``[1, H, n, D]`` view (no copy)."""
-    return t[s:e].unsqueeze(0).transpose(1, 2)
+def _per_sequence(t: Tensor, lens: List[int]) -> Tuple[Tensor, ...]:
+    """A packed ``[T, H, D]`` tensor as one ``[1, H, n, D]`` view per sequence (no copy: the kernel takes
+    strides, so fused-QKV views go in as they are)."""
+    return torch.split(_f32(t).unsqueeze(0).transpose(1, 2), lens, dim=2)
 
 
-def _packed(parts: List[Tensor]) -> Tensor:
-    """Per-sequence ``[1, H, n, D]`` results back into one packed ``[T, H, D]`` tensor."""
-    return torch.cat([p[0].transpose(0, 1) for p in parts])
+def _pack(parts: List[Tensor], T: int, dtype: torch.dtype) -> Tensor:
+    """Per-sequence ``[1, H, n, D]`` results into one packed ``[T, H, D]`` tensor of ``dtype`` (one copy)."""
+    H, D = parts[0].shape[1], parts[0].shape[3]
+    out = torch.empty((T, H, D), dtype=parts[0].dtype)
+    torch.cat(parts, dim=2, out=out.unsqueeze(0).transpose(1, 2))
+    return out.to(dtype)
 
 
 def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1)):
@@ -117,18 +121,20 @@ def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_s
     """
     T, H, D = q.shape
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    seqs = _sequences(cu_seqlens)
-    if not seqs:  # no tokens at all
-        return torch.empty((T, H, D), dtype=q.dtype), torch.empty((H, T), dtype=torch.float32)
-    mask = _masks(alibi_slopes, window_size, seqs)
-    qf, kf, vf = (_f32(t) for t in (q, k, v))
+    lens = _lengths(cu_seqlens)
+    if T == 0:
+        return torch.empty((0, H, D), dtype=q.dtype), torch.empty((H, 0), dtype=torch.float32)
+    mask = _masks(alibi_slopes, window_size, max(lens))
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     outs, lses = [], []
-    for b, s, e in seqs:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _bhsd(qf, s, e), _bhsd(kf, s, e), _bhsd(vf, s, e), 0.0, False, attn_mask=mask(b, e - s), scale=scale)
-        outs.append(o)
-        lses.append(lse[0])
-    return _packed(outs).to(q.dtype), torch.cat(lses, dim=1)
+    for b, (qb, kb, vb) in enumerate(zip(*(_per_sequence(t, lens) for t in (q, k, v)))):
+        if lens[b]:
+            o, lse = kernel(qb, kb, vb, 0.0, False, attn_mask=mask(b, lens[b]), scale=scale)
+            outs.append(o)
+            lses.append(lse)
+    lse = torch.empty((H, T), dtype=torch.float32)
+    torch.cat(lses, dim=2, out=lse.unsqueeze(0))
+    return _pack(outs, T, q.dtype), lse
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None,
@@ -136,19 +142,20 @@ def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes
     """Primitive (see ``fastbert.reference.flash_attn_bwd``): ``(dq, dk, dv)``, each ``[T, H, D]`` q.dtype."""
     T, H, D = q.shape
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    seqs = _sequences(cu_seqlens)
-    if not seqs:
-        return tuple(torch.empty((T, H, D), dtype=q.dtype) for _ in range(3))
-    mask = _masks(alibi_slopes, window_size, seqs)
-    dof, qf, kf, vf, of = (_f32(t) for t in (dout, q, k, v, out))
+    lens = _lengths(cu_seqlens)
+    if T == 0:
+        return tuple(torch.empty((0, H, D), dtype=q.dtype) for _ in range(3))
+    mask = _masks(alibi_slopes, window_size, max(lens))
+    lse_b = torch.split(lse.unsqueeze(0), lens, dim=2)
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     grads = ([], [], [])
-    for b, s, e in seqs:
-        g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _bhsd(dof, s, e), _bhsd(qf, s, e), _bhsd(kf, s, e), _bhsd(vf, s, e), _bhsd(of, s, e),
-            lse[None, :, s:e], 0.0, False, attn_mask=mask(b, e - s), scale=scale)
-        for acc, t in zip(grads, g):
-            acc.append(t)
-    return tuple(_packed(parts).to(q.dtype) for parts in grads)
+    views = zip(*(_per_sequence(t, lens) for t in (dout, q, k, v, out)))
+    for b, (dob, qb, kb, vb, ob) in enumerate(views):
+        if lens[b]:
+            g = kernel(dob, qb, kb, vb, ob, lse_b[b], 0.0, False, attn_mask=mask(b, lens[b]), scale=scale)
+            for acc, t in zip(grads, g):
+                acc.append(t)
+    return tuple(_pack(parts, T, q.dtype) for parts in grads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,8 +74,9 @@ def cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int, device: torch.devi
         raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen}")
     if _compiling():
         return
-    key = (cu.data_ptr(), cu._version, cu.shape[0], total, max_seqlen)
-    if _validated_cu.get(cu.device.type) == key:
+    # Inference tensors (torch.inference_mode) have no version counter: they are checked every call.
+    key = None if cu.is_inference() else (cu.data_ptr(), cu._version, cu.shape[0], total, max_seqlen)
+    if key is not None and _validated_cu.get(cu.device.type) == key:
         return
     c = cu.long()
     lens = c[1:] - c[:-1]
@@ -89,7 +90,8 @@ def cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int, device: torch.devi
         raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == {total} (the number of tokens), got {last}")
     if max_len > max_seqlen:
         raise ValueError(f"max_seqlen: expected at least the longest sequence ({max_len}), got {max_seqlen}")
-    _validated_cu[cu.device.type] = key
+    if key is not None:
+        _validated_cu[cu.device.type] = key
 
 
 def labels(lab: torch.Tensor, n_rows: int, vocab: int, ignore_index: int, device: torch.device) -> None:

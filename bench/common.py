@@ -376,7 +376,8 @@ def env_info() -> dict:
     import platform
     info = {"mode": MODE, "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "device": DEVICE.type,
-            "command": " ".join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:])}
+            "command": " ".join([f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTBERT_BENCH")]
+                                + [os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:])}
     try:
         import triton
         info["triton"] = triton.__version__

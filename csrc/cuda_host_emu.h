@@ -294,8 +294,9 @@ inline void launch_body(dim3 grid, dim3 block, size_t smem_bytes, const std::fun
   const long long nblocks = (long long)grid.x * grid.y * grid.z;
   const long long nthreads = (long long)block.x * block.y * block.z;
   if (nthreads < 1 || nthreads > 1024) fail("invalid block size " + std::to_string(nthreads));
-  if (block.z > 64 || grid.y > 65535u || grid.z > 65535u) fail("invalid launch dimensions");
-  if (nblocks == 0) return;
+  if (block.z > 64 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) fail("invalid launch dimensions");
+  // as on a GPU (cudaErrorInvalidConfiguration): a launcher must skip empty work, not launch zero blocks
+  if (nblocks == 0) fail("invalid configuration argument: a grid of zero blocks");
   Config& cfg = config();
   const int nworkers = (int)std::min<long long>(cfg.workers, nblocks);
   std::atomic<long long> next{0};

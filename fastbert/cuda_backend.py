@@ -30,6 +30,9 @@ def why_not(device) -> Optional[str]:
         return "fastbert._C is built but no CUDA GPU is visible to torch"
     if torch.device(device).type != "cuda":
         return f"fastbert._C runs on CUDA tensors, got device {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:  # the build targets sm_80+: bf16 mma.sync, > 48 KiB of shared memory per block
+        return f"fastbert._C needs a GPU of compute capability 8.0 or newer, got {major}.{minor}"
     return None
 
 
@@ -79,10 +82,15 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
 
 # ---- attention (csrc/flash_attn.cu: tensor-core mma.sync, bf16/fp16 only) ---------------------------
 def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+    if q.shape[0] == 0:  # no tokens (also no sequences: the binding wants batch >= 1)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], 0),
+                                                                                       dtype=torch.float32)
     return tuple(_C().flash_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), alibi_slopes,
                                      None if softmax_scale is None else float(softmax_scale)))
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+    if q.shape[0] == 0:
+        return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
     return tuple(_C().flash_attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, int(max_seqlen), alibi_slopes,
                                      None if softmax_scale is None else float(softmax_scale)))

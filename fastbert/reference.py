@@ -152,7 +152,8 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     Args:
         q, k, v: ``[T, H, D]`` (same dtype). Token ``t`` belongs to sequence ``b`` with
             ``cu_seqlens[b] <= t < cu_seqlens[b+1]``; its position is ``i = t - cu_seqlens[b]``.
-        cu_seqlens: ``[B+1]`` int32, starts at 0, non-decreasing, ends at ``T`` (empty sequences allowed).
+        cu_seqlens: ``[B+1]`` int32, starts at 0, non-decreasing, ends at ``T`` (empty sequences allowed;
+            ``B == 0``, i.e. ``cu_seqlens == [0]``, is an empty batch).
         max_seqlen: at least the longest sequence.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``, or None for plain attention.
         softmax_scale: defaults to ``1/sqrt(D)``.

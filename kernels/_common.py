@@ -153,15 +153,28 @@ def check_float(name: str, t: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def unsupported_unless_float(primitive: str, *args) -> Optional[str]:
+GRID_YZ_MAX = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2^31 - 1)
+
+
+def tile_grid_reason(N: int) -> Optional[str]:
+    """Why a tile kernel over N columns cannot launch (its column tiles are grid axis 1), or None."""
+    block_n = tile_config(N)["BLOCK_N"]
+    if cdiv(N, block_n) > GRID_YZ_MAX:
+        return (f"Triton tile kernels put column tiles on grid axis 1: at most {GRID_YZ_MAX} tiles of {block_n}, "
+                f"i.e. {GRID_YZ_MAX * block_n} columns, got {N}")
+    return None
+
+
+def unsupported_elementwise(primitive: str, *args) -> Optional[str]:
     """``unsupported`` of the elementwise modules (bias-GELU, GeGLU): every tensor argument must be
-    fp32/bf16/fp16; the reason names the first that is not."""
+    fp32/bf16/fp16 (the reason names the first that is not), and the output columns must fit the grid."""
     for t in args:
         if isinstance(t, torch.Tensor):
             reason = check_float("x/dy/bias", t)
             if reason:
                 return reason
-    return None
+    x = args[1] if primitive.endswith("_bwd") else args[0]
+    return tile_grid_reason(x.shape[-1] // 2 if primitive.startswith("geglu") else x.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,5 +243,5 @@ def cdiv(a: int, b: int) -> int:
 
 __all__ = ["FLOAT_DTYPES", "MAX_ROW", "gelu", "gelu_grad", "gelu_and_grad",
            "approx_flag", "ROW_TABLE", "row_config", "tile_config", "num_strips",
-           "check_float", "unsupported_unless_float", "launch_tiles_fwd", "launch_strips_bwd",
-           "spec", "divisible_attrs", "cdiv"]
+           "check_float", "unsupported_elementwise", "tile_grid_reason", "GRID_YZ_MAX", "launch_tiles_fwd",
+           "launch_strips_bwd", "spec", "divisible_attrs", "cdiv"]

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import spec
+from ._common import GRID_YZ_MAX, spec
 
 Tensor = torch.Tensor
 
@@ -333,12 +333,25 @@ def why_not(device: torch.device) -> Optional[str]:
 
 
 def unsupported(primitive: str, *args) -> Optional[str]:
-    """Why these inputs cannot run here (head dim or dtype), else None."""
+    """Why these inputs cannot run here (dtype, head dim, grid or 32-bit index limits), else None."""
     q = args[1] if primitive == "flash_attn_bwd" else args[0]
     if q.dtype not in _TORCH_TO_TL:
         return f"the Triton attention kernels support fp16, bf16 and fp32 inputs, got {q.dtype}"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"the Triton attention kernels support head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
+    T, H = q.shape[0], q.shape[1]
+    if T == 0:
+        return None  # nothing is launched
+    cu_at = 6 if primitive == "flash_attn_bwd" else 3
+    B = args[cu_at].shape[0] - 1 if len(args) > cu_at else 1  # (_check passes q alone)
+    if B > GRID_YZ_MAX:  # sequences are grid axis 1
+        return f"the Triton attention grid puts sequences on axis 1: at most {GRID_YZ_MAX} sequences, got {B}"
+    if H > GRID_YZ_MAX:  # heads are grid axis 2
+        return f"the Triton attention grid puts heads on axis 2: at most {GRID_YZ_MAX} heads, got {H}"
+    if H * T >= 2**31:  # lse / delta offsets h * T are 32-bit
+        return f"the Triton attention kernels index lse [H, T] with 32-bit offsets: H * T < 2^31, got {H * T}"
+    if B * H >= 2**31:  # slopes offsets b * H + h are 32-bit
+        return f"the Triton attention kernels index alibi_slopes [B, H] with 32-bit offsets: B * H < 2^31, got {B * H}"
     return None
 
 
@@ -353,12 +366,6 @@ def _check(**tensors: Tensor) -> None:
                              f"like q, got {tuple(t.shape)} {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the last dim must have stride 1, got strides {tuple(t.stride())}")
-
-
-def _check_batch(B: int) -> None:
-    # sequences are grid axis 1, which CUDA caps at 65535 (query/key blocks are axis 0, uncapped)
-    if B > 65535:
-        raise ValueError(f"cu_seqlens: at most 65535 sequences per call are supported, got {B}")
 
 
 def _scale(softmax_scale: Optional[float], head_dim: int) -> float:
@@ -390,7 +397,6 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
     _check(q=q, k=k, v=v)
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
-    _check_batch(B)
     scale = _scale(softmax_scale, D)
     out = _empty((T, H, D), q.dtype, q.device)
     lse = _empty((H, T), torch.float32, q.device)
@@ -418,7 +424,6 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     _check(q=q, k=k, v=v, dout=dout, out=out)
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
-    _check_batch(B)
     scale = _scale(softmax_scale, D)
     lse = lse.contiguous()
     dq = _empty((T, H, D), q.dtype, q.device)

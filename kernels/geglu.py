@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import approx_flag, gelu, gelu_and_grad, launch_strips_bwd, launch_tiles_fwd, spec, tile_config
-from ._common import unsupported_unless_float as unsupported  # noqa: F401 - the backend's hook
+from ._common import unsupported_elementwise as unsupported  # noqa: F401 - the backend's hook
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, spec, tile_config
+from ._common import cdiv, spec, tile_config, tile_grid_reason
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
            torch.uint8)
@@ -39,11 +39,14 @@ def _gather_rows_kernel(SRC, IDX, OUT, n_out, F, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 def unsupported(primitive: str, *args) -> Optional[str]:
-    """Why these inputs cannot run on the Triton kernel (an element type it does not copy)."""
+    """Why these inputs cannot run on the Triton kernel (an element type it does not copy, a grid or int32
+    limit)."""
     x = args[0]
     if x.dtype not in _DTYPES:
         return f"Triton row gather/scatter copies {[str(d) for d in _DTYPES]}, got x.dtype={x.dtype}"
-    return None
+    if primitive == "index_scatter_fwd" and x.shape[0] >= 2**31:
+        return f"the Triton scatter inverts the index map into int32: fewer than 2^31 rows of x, got {x.shape[0]}"
+    return tile_grid_reason(x.shape[1])
 
 
 def _launch(src, idx, out):

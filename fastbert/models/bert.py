@@ -418,8 +418,11 @@ class BertModel(BertPreTrainedModel):
         """``[B, H]``: each sequence's first real token ([CLS] for right-padded batches). An empty sequence
         gets a neighbour's row (finite, meaningless)."""
         T = enc.x.shape[0]
-        if T == 0:
-            raise ValueError("attention_mask: every sequence is empty; there is no [CLS] token to pool")
+        empty = "attention_mask: every sequence is empty; there is no [CLS] token to pool"
+        if torch.compiler.is_compiling():  # T is data-dependent: an assert in the graph, no guard
+            torch._assert_async(enc.cu_seqlens[-1] > 0, empty)
+        elif T == 0:
+            raise ValueError(empty)
         start = enc.cu_seqlens[:-1].long().clamp(max=T - 1)
         return enc.x.index_select(0, start)
 
@@ -467,8 +470,12 @@ class BertForMaskedLM(BertPreTrainedModel):
         labels_t = labels.reshape(-1).long().index_select(0, enc.indices)  # [T]
         rows = torch.nonzero(labels_t != ignore).flatten()
         n_masked = rows.numel()
-        if attention_mask is not None and n_masked != int((labels != ignore).sum()):
-            raise ValueError("labels: some labelled positions are padding (attention_mask == 0)")
+        if attention_mask is not None:
+            on_pads = "labels: some labelled positions are padding (attention_mask == 0)"
+            if torch.compiler.is_compiling():  # data-dependent: an assert in the graph, no guard
+                torch._assert_async((labels != ignore).sum() == n_masked, on_pads)
+            elif n_masked != int((labels != ignore).sum()):
+                raise ValueError(on_pads)
         masked_labels = labels_t.index_select(0, rows)
         h = self.head.transform(enc.x.index_select(0, rows))  # only the labelled rows reach the head
         loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias)

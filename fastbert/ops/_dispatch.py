@@ -4,7 +4,9 @@ Eagerly, a public op resolves its backend (``fastbert.registry.resolve``) before
 and passes the name as a string argument, so the backward runs on the same backend as the forward and
 a forced backend that cannot run fails at the call. While ``torch.compile`` traces, the name is left
 empty and the op resolves it when it runs (the registry's Python state is not traceable), so compiled
-graphs honour ``use_backend`` at run time, per call.
+graphs honour ``use_backend`` at run time, per call. The same empty name tells an op's real
+implementation that the public function's value checks were skipped while tracing, so it runs them
+itself (``traced``) before any kernel sees the data.
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ def pick(primitive: str, device: torch.device, dtype: Optional[torch.dtype], *ar
     if torch.compiler.is_compiling():
         return ""
     return _registry.resolve(primitive, device, args, dtype)
+
+
+def traced(backend: str) -> bool:
+    """True when the op was called from a ``torch.compile`` graph (the public op's value checks did not run)."""
+    return not backend
 
 
 def run(primitive: str, backend: str, *args):

@@ -54,7 +54,7 @@ def _prepare(name: str, x: Tensor, bias: Optional[Tensor], approximate: str, wid
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES, min_dim=1)
     _checks.optional_vector("bias", bias, width, x.device)
     _checks.approximate(approximate)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = _checks.flat2d(x)
     bias = bias.contiguous() if bias is not None else None
     backend = pick(f"{name}_fwd", x.device, x.dtype, x2, bias, approximate)
     return x2, bias, backend

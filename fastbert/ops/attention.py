@@ -8,7 +8,7 @@ import torch
 
 from fastbert import reference as _ref
 from fastbert.ops import _checks
-from fastbert.ops._dispatch import pick, run
+from fastbert.ops._dispatch import pick, run, traced
 
 Tensor = torch.Tensor
 
@@ -16,6 +16,8 @@ Tensor = torch.Tensor
 @torch.library.custom_op("fastbert::flash_attn_fwd", mutates_args=())
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
               alibi_slopes: Optional[Tensor], softmax_scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    if traced(backend):
+        _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     out, lse = run("flash_attn_fwd", backend, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
     return out, lse
 
@@ -30,6 +32,8 @@ def _(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, backend):
 def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
               max_seqlen: int, alibi_slopes: Optional[Tensor], softmax_scale: float,
               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    if traced(backend):
+        _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     dq, dk, dv = run("flash_attn_bwd", backend, dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
                      alibi_slopes, softmax_scale)
     return dq, dk, dv
@@ -76,8 +80,12 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     Args:
         q, k, v: ``[T, H, D]`` fp16/bf16/fp32, D in {32, 64, 128}, last-dim stride 1 (views of a fused
             ``[T, 3, H, D]`` QKV projection are accepted without a copy).
-        cu_seqlens: ``[B+1]`` int32 (0, ..., T), non-decreasing; empty sequences allowed.
-        max_seqlen: Python int, at least the longest sequence.
+        cu_seqlens: ``[B+1]`` int32 (0, ..., T), non-decreasing; empty sequences allowed, and ``B == 0``
+            (``cu_seqlens == [0]``, no tokens) gives an empty output.
+        max_seqlen: Python int (a SymInt under ``torch.compile``), at least the longest sequence.
+    Raises:
+        ValueError naming ``cu_seqlens`` or ``max_seqlen`` when their values disagree, eagerly and inside
+        a compiled graph alike; TypeError/ValueError for bad dtypes, shapes, devices.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``, or None for plain attention.
         softmax_scale: default ``1/sqrt(D)``.
     Returns:
@@ -99,7 +107,8 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     B = cu_seqlens.shape[0] - 1
     if alibi_slopes is not None:
         _checks.tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=dev)
-        if alibi_slopes.shape not in ((H,), (B, H)):
+        s = alibi_slopes.shape  # sizes compared one by one: tuple equality is False for SymInts
+        if not ((len(s) == 1 and s[0] == H) or (len(s) == 2 and s[0] == B and s[1] == H)):
             raise ValueError(f"alibi_slopes: expected shape ({H},) or ({B}, {H}), got {tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes.expand(B, H).contiguous()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)

@@ -89,8 +89,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         _checks.same_dtype("residual", residual, "x", x)
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
-    x2 = x.reshape(-1, N).contiguous()
-    r2 = residual.reshape(-1, N).contiguous() if residual is not None else None
+    x2 = _checks.flat2d(x)
+    r2 = _checks.flat2d(residual) if residual is not None else None
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None
     backend = pick("layer_norm_fwd", x.device, x.dtype, x2, w, b, r2, float(eps))

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastbert.ops import _checks
-from fastbert.ops._dispatch import opt_in, opt_out, pick, run
+from fastbert.ops._dispatch import opt_in, opt_out, pick, run, traced
 
 Tensor = torch.Tensor
 
@@ -19,6 +19,8 @@ def _loss_dtype(hidden: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastbert::sparse_mlm_loss_fwd", mutates_args=())
 def _mlm_fwd(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor], ignore_index: int,
              compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if traced(backend):
+        _checks.labels_values(labels, weight.shape[0], ignore_index)
     loss, dh, dw, db = run("sparse_mlm_loss_fwd", backend, hidden, labels, weight, bias, ignore_index, compute_grad)
     return loss.to(_loss_dtype(hidden)), opt_out(dh, hidden), opt_out(dw, hidden), opt_out(db, hidden)
 
@@ -75,7 +77,7 @@ def sparse_mlm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Option
         raise ValueError(f"weight: expected shape (vocab, {Hd}) to match hidden's last dim, got {tuple(weight.shape)}")
     V = weight.shape[0]
     _checks.optional_vector("bias", bias, V, dev)
-    h2 = hidden.reshape(-1, Hd).contiguous()
+    h2 = _checks.flat2d(hidden)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != hidden.shape[:-1]:

@@ -333,16 +333,15 @@ def main(argv=None) -> int:
 
     cal = calibration(rows)
     cmp = compare(rows, cal, gpu)
+    cpu_md = cpu_markdown(rows)
     result.update({"calibration": cal, "peak_bf16_tflops": peak_tflops(gpu), **cmp,
-                   "rows": rows})
+                   "rows": rows}, **({"cpu_table": cpu_md} if cpu_md else {}))
     out_dir = args.results_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{_slug(machine or 'gpu')}-{date}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    cpu_md = cpu_markdown(rows)
     if cpu_md:
-        result["cpu_table"] = cpu_md
         print("CPU, fastbert MosaicBERT (auto = cpu backend) vs Hugging Face BERT (SDPA), same size, timed "
               "interleaved in one process:\n\n" + cpu_md + "\n")
     print(markdown(cmp, cal))

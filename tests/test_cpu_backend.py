@@ -322,3 +322,23 @@ def test_model_matches_reference_backend():
     assert_close(loss, ref_loss, peer=peer_loss, factor=2, name="loss")
     assert set(g) == set(ref_g)
     _check_grads([g[n] for n in ref_g], [ref_g[n] for n in ref_g], [peer_g[n] for n in ref_g], list(ref_g))
+
+
+def test_cpu_benchmark_report_table():
+    """bench.report's CPU table (bench/test_bench_cpu.py rows) on hand-made numbers: paired ratios and
+    their spread are printed as measured, the peer row has none."""
+    from bench.report import cpu_markdown
+
+    common = {"op": "cpu_tiny", "shape": "B32xL8-66", "pass": "step", "kind": "cpu", "timed": True, "rounds": 9,
+              "threads": 1, "load_before": 1.5, "load_after": 2.0, "p20_ms": 1.0, "p80_ms": 3.0}
+    rows = [dict(common, provider="hf-bert-sdpa", role="peer", variant="HF BERT", params=4.4e6, median_ms=150.0),
+            dict(common, provider="fastbert-auto", role="fastbert", variant="MosaicBERT (GeGLU)", params=4.5e6,
+                 median_ms=100.0, paired_speedup=1.52, paired_p20=1.41, paired_p80=1.63, cpu_paired_speedup=1.5,
+                 cpu_paired_p20=1.45, cpu_paired_p80=1.55),
+            dict(common, op="matmul", kind="compute")]  # not a CPU-benchmark row: ignored
+    lines = cpu_markdown(rows).splitlines()
+    assert len(lines) == 4
+    assert "MosaicBERT (GeGLU) | 4.5M | 100.0 (1.0-3.0) | **1.52x** (1.41-1.63) | 1.50x (1.45-1.55) | 9 | 1 | 1.5 -> 2.0" \
+        in lines[2]
+    assert "HF BERT | 4.4M | 150.0 (1.0-3.0) | - | - |" in lines[3]
+    assert cpu_markdown(rows[2:]) == ""

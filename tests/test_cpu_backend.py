@@ -342,3 +342,19 @@ def test_cpu_benchmark_report_table():
         in lines[2]
     assert "HF BERT | 4.4M | 150.0 (1.0-3.0) | - | - |" in lines[3]
     assert cpu_markdown(rows[2:]) == ""
+
+
+def test_model_forward_under_inference_mode():
+    """torch.inference_mode (CPU inference services): inference tensors have no version counter, so the
+    ops' checked-values cache must not ask for one; results equal no_grad's."""
+    from fastbert.models import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig.preset("tiny", vocab_size=97, num_labels=3)).eval()
+    mask = torch.arange(9)[None] < torch.tensor([9, 2, 5])[:, None]
+    ids = torch.randint(5, 97, mask.shape) * mask
+    with torch.no_grad():
+        ref = model(ids, mask).logits
+    for _ in range(2):  # the second call would hit the cache
+        with torch.inference_mode():
+            out = model(ids, mask).logits
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)

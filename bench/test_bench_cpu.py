@@ -22,6 +22,7 @@ path is checked, nothing is claimed); on a GPU machine the cases are reported as
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -56,6 +57,7 @@ def _batch(vocab: int):
     return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}, int(lens.sum())
 
 
+@functools.lru_cache(maxsize=1)  # one size's models at a time, shared by its passes and providers
 def _models(size: str):
     """``{provider: classifier}`` of the same size, random init, and the vocabulary size."""
     try:
@@ -113,7 +115,7 @@ def _measure(size: str, pass_: str) -> dict:
     key = (size, pass_)
     if key in _results:
         return _results[key]
-    _results.clear()  # one group's models and optimizer states at a time (three base models: ~7 GB)
+    _results.clear()  # one group's optimizer states at a time (three base models with AdamW: ~7 GB)
     models, vocab = _models(size)
     batch, tokens = _batch(vocab)
     runs = {p: _runner(m, pass_, batch) for p, m in models.items()}

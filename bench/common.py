@@ -146,9 +146,9 @@ def with_backend(backend: str, fn: Callable) -> Callable:
     """``fn`` run with ``fastbert.use_backend(backend)`` forced (a forced backend never falls back)."""
     import fastbert
 
-    def call(*args):
+    def call(*args, **kwargs):
         with fastbert.use_backend(backend):
-            return fn(*args)
+            return fn(*args, **kwargs)
     return call
 
 

@@ -10,7 +10,8 @@ backend over each peer, per op), and prints the Markdown table.
 Per fastbert row: median ms (p20-p80), the fastest peer on the same inputs and its time, the speedup
 (peer time / our time, > 1 is faster), achieved GB/s as a fraction of the copy bandwidth measured in the
 same run for bandwidth-bound ops, TFLOP/s and MFU for attention, the loss and the train step (useful FLOPs
-on real tokens only), and peak memory above the inputs (ours / the peer's).
+on real tokens only), and peak memory above the inputs (ours / the peer's). Groups that sweep the sequence
+length (windowed attention) also get a table of time against length with its growth rate.
 
 A smoke run (no GPU) took no timings: the report says so, prints what ran and what was missing, and
 writes a results file only into an explicitly given ``--results-dir``.
@@ -203,6 +204,37 @@ def cpu_markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def scaling(rows: List[dict]) -> List[dict]:
+    """Time against sequence length for the benchmarks that sweep it (rows with a ``seqlen``, e.g. the
+    windowed attention group): per (op, provider, pass), the median ms at each length and
+    ``growth = (ms_last / ms_first) / (S_last / S_first)``: ~1 when the time grows linearly with the
+    length, ~``S_last / S_first`` when it grows quadratically."""
+    groups: Dict[tuple, Dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if r.get("timed") and r.get("seqlen"):
+            groups[(r["op"], r["pass"], r["provider"])][int(r["seqlen"])] = r["median_ms"]
+    out = []
+    for (op, pass_, prov), by_s in sorted(groups.items()):
+        lens = sorted(by_s)
+        growth = None
+        if len(lens) > 1:
+            growth = (by_s[lens[-1]] / by_s[lens[0]]) / (lens[-1] / lens[0])
+        out.append({"op": op, "pass": pass_, "provider": prov, "ms": {str(S): by_s[S] for S in lens},
+                    "growth": growth})
+    return out
+
+
+def scaling_markdown(sc: List[dict]) -> str:
+    lens = sorted({int(S) for r in sc for S in r["ms"]})
+    lines = ["| op | pass | provider | " + " | ".join(f"ms at S={S}" for S in lens)
+             + " | growth vs length (1 = linear) |", "|---|---|---|" + "---|" * (len(lens) + 1)]
+    for r in sc:
+        cells = [f"{r['ms'][str(S)]:.3f}" if str(S) in r["ms"] else "-" for S in lens]
+        g = f"{r['growth']:.2f}" if r["growth"] is not None else "-"
+        lines.append(f"| {r['op']} | {r['pass']} | {r['provider']} | " + " | ".join(cells) + f" | {g} |")
+    return "\n".join(lines)
+
+
 def missing_markdown(missing: List[dict]) -> str:
     if not missing:
         return "Every requested provider ran."
@@ -333,8 +365,9 @@ def main(argv=None) -> int:
 
     cal = calibration(rows)
     cmp = compare(rows, cal, gpu)
+    sc = scaling(rows)
     cpu_md = cpu_markdown(rows)
-    result.update({"calibration": cal, "peak_bf16_tflops": peak_tflops(gpu), **cmp,
+    result.update({"calibration": cal, "peak_bf16_tflops": peak_tflops(gpu), **cmp, "scaling": sc,
                    "rows": rows}, **({"cpu_table": cpu_md} if cpu_md else {}))
     out_dir = args.results_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
@@ -346,6 +379,8 @@ def main(argv=None) -> int:
               "interleaved in one process:\n\n" + cpu_md + "\n")
     print(markdown(cmp, cal))
     print("\nfastbert (best backend per row) against each peer:\n\n" + summary_markdown(cmp))
+    if sc:
+        print("\nTime against sequence length:\n\n" + scaling_markdown(sc))
     print("\nProviders that did not run:\n\n" + missing_markdown(missing))
     print(f"\nwrote {stem}.json")
     if not args.no_chart:

@@ -64,7 +64,9 @@ def _compiled_flex(flex_attention):
     return _FLEX["fn"]
 
 
-def _flex(batch, H, slopes, pass_):
+def _flex(batch, H, slopes, pass_, window=(-1, -1)):
+    """FlexAttention on the packed batch: ALiBi ``score_mod``, a document ``block_mask`` (and, with a
+    ``window``, ``i - left <= j <= i + right``: FlexAttention then skips the blocks outside it)."""
     if DEVICE.type == "cpu" and pass_ != "fwd":
         raise Missing("FlexAttention has no backward on CPU")
     try:
@@ -80,8 +82,14 @@ def _flex(batch, H, slopes, pass_):
         # Sequences are contiguous in the packed batch, so |q_idx - kv_idx| is the in-sequence distance.
         return score - s[h] * (q_idx - kv_idx).abs()
 
+    left, right = window
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
+        same = doc[q_idx] == doc[kv_idx]
+        if window == (-1, -1):
+            return same
+        rel = kv_idx - q_idx
+        return same & (rel >= -left) & (rel <= right)
 
     block_mask = create_block_mask(mask_mod, 1, None, T, T, device=str(DEVICE))
     # Compiled is how FlexAttention is meant to run; eager (smoke mode) only checks the code path.

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <optional>
 #include <string>
@@ -365,10 +366,21 @@ double attn_scale(const std::optional<double>& softmax_scale, int64_t D) {
   return softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt((double)D);
 }
 
+// window_size (left, right) as flash-attn takes it: each side -1 (unbounded) or >= 0. A side longer than
+// any sequence is clamped to 2^30 (the launcher's kUnbounded), which fits the kernels' int arithmetic.
+void check_window(int64_t& left, int64_t& right) {
+  TORCH_CHECK(left >= -1 && right >= -1, "window_size: expected each side >= 0, or -1 for no limit on that side, "
+              "got (", left, ", ", right, ")");
+  left = std::min<int64_t>(left, 1 << 30);
+  right = std::min<int64_t>(right, 1 << 30);
+}
+
 std::tuple<Tensor, Tensor> flash_attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
                                           int64_t max_seqlen, const OptT& alibi_slopes,
-                                          std::optional<double> softmax_scale) {
+                                          std::optional<double> softmax_scale, int64_t window_left,
+                                          int64_t window_right) {
   check_attn_qkv(q, k, v);
+  check_window(window_left, window_right);
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor slopes = attn_meta(q, cu_seqlens, max_seqlen, alibi_slopes);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
@@ -378,15 +390,18 @@ std::tuple<Tensor, Tensor> flash_attn_fwd(const Tensor& q, const Tensor& k, cons
   fb::launch_flash_attn_fwd(dtype_code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1),
                             k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.data_ptr(), lse.data_ptr<float>(),
                             cu_seqlens.data_ptr<int32_t>(), fptr(slopes), (int)(cu_seqlens.size(0) - 1), (int)H,
-                            (int)D, T, (int)max_seqlen, (float)scale, at::cuda::getCurrentCUDAStream());
+                            (int)D, T, (int)max_seqlen, (float)scale, (int)window_left, (int)window_right, nullptr,
+                            at::cuda::getCurrentCUDAStream());
   return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                   const Tensor& v, const Tensor& out, const Tensor& lse,
                                                   const Tensor& cu_seqlens, int64_t max_seqlen,
-                                                  const OptT& alibi_slopes, std::optional<double> softmax_scale) {
+                                                  const OptT& alibi_slopes, std::optional<double> softmax_scale,
+                                                  int64_t window_left, int64_t window_right) {
   check_attn_qkv(q, k, v);
+  check_window(window_left, window_right);
   const char* names[2] = {"dout", "out"};
   const Tensor* ts[2] = {&dout, &out};
   for (int i = 0; i < 2; ++i) {
@@ -402,16 +417,16 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd(const Tensor& dout, const Tens
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor slopes = attn_meta(q, cu_seqlens, max_seqlen, alibi_slopes);
   const double scale = attn_scale(softmax_scale, D);
-  Tensor doc = dout.contiguous(), oc = out.contiguous(), lsec = lse.contiguous();
+  Tensor doc = dout.contiguous(), lsec = lse.contiguous();  // out is checked, not read: delta comes from P, dP
   Tensor dq = at::empty({T, H, D}, q.options());
   Tensor dk = at::empty({T, H, D}, q.options());
   Tensor dv = at::empty({T, H, D}, q.options());
-  Tensor delta = at::empty({H, T}, q.options().dtype(at::kFloat));  // workspace: rowsum(dout * out)
+  Tensor delta = at::empty({H, T}, q.options().dtype(at::kFloat));  // workspace: sum_j P dP / sum_j P
   fb::launch_flash_attn_bwd(dtype_code(q), doc.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0),
-                            q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), oc.data_ptr(),
-                            lsec.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                            delta.data_ptr<float>(), cu_seqlens.data_ptr<int32_t>(), fptr(slopes),
-                            (int)(cu_seqlens.size(0) - 1), (int)H, (int)D, T, (int)max_seqlen, (float)scale,
+                            q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), lsec.data_ptr<float>(),
+                            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr<float>(),
+                            cu_seqlens.data_ptr<int32_t>(), fptr(slopes), (int)(cu_seqlens.size(0) - 1), (int)H,
+                            (int)D, T, (int)max_seqlen, (float)scale, (int)window_left, (int)window_right, nullptr,
                             at::cuda::getCurrentCUDAStream());
   return {dq, dk, dv};
 }

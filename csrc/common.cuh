@@ -26,8 +26,8 @@
 
 // Shared memory and launches (defined before the templates below that launch kernels).
 #ifdef FB_HOST_EMU
-#define FB_SHARED(T, name, count) T* name = ::emu::shared_array<T>(count)
-#define FB_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_shared())
+#define FB_SHARED(T, name, count) T* name = ::emu::shared_array<T>(count, #name)
+#define FB_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_shared(sizeof(T), #name))
 #define FB_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
 #else
 #define FB_SHARED(T, name, count)         \

@@ -16,19 +16,30 @@
 //    a block in which live threads wait at different barriers is reported as a deadlock.
 //  * threadIdx/blockIdx/blockDim/gridDim read the current fiber's coordinates (thread_local pointer).
 //  * Shared memory: kernels declare it with FB_SHARED(T, name, count) / FB_DYNAMIC_SHARED(T, name)
-//    (common.cuh), which here hand out per-block storage from an arena; every thread of the block
-//    gets the same pointers because the declarations run in the same order in every thread.
-//    Plain `__shared__ T x[N];` also works (mapped to `static thread_local`: one copy per worker OS
-//    thread, which runs one block at a time) but is not poisoned in debug mode; `extern __shared__`
-//    is not supported: use FB_DYNAMIC_SHARED.
+//    (common.cuh), which here hand out per-block storage from the worker's slot (64 KiB static, then
+//    the dynamic bytes; all slots are one reservation); every thread of the block gets the same
+//    pointers because the declarations run in the same order in every thread, and the names are kept
+//    for reports. Plain `__shared__ T x[N];` also compiles (mapped to `static thread_local`) but is
+//    invisible to the checks and not poisoned: use FB_SHARED. `extern __shared__`: use FB_DYNAMIC_SHARED.
+//  * cp.async (csrc/cp_async.cuh): each thread queues its 16-byte copies; they land (zero-filled past
+//    src_bytes) at its cp_async_wait<N>() for all but the N newest commit groups, or when it exits.
 //  * Debug mode (FASTBERT_EMU_DEBUG=1): fibers start and resume in a freshly shuffled order at every
-//    scheduling round (seed FASTBERT_EMU_SEED), and the shared-memory arena, the dynamic shared
-//    memory and the warp exchange buffers are filled with 0xFF bytes (NaN as float) before each block,
-//    so a missing barrier or a read of never-written shared memory shows up as a wrong or NaN result.
+//    scheduling round (seed FASTBERT_EMU_SEED), and the shared memory and the warp exchange buffers
+//    are filled with 0xFF bytes (NaN as float) before each block, so a missing barrier or a read of
+//    never-written shared memory can show up as a wrong or NaN result.
+//  * Checking build (-DFB_EMU_CHECK plus the hook flags of fastbert/cuda_host_backend.py FLAVORS):
+//    cuda_host_check.h observes every memory access and reports shared-memory races, uninitialised
+//    shared reads, out-of-bounds shared accesses, cp.async reads before the wait and touches of the
+//    registered guard zones; threads switch at shared accesses (probability 1/2, seeded), rounds run in
+//    shuffled order and one random warp lags in each barrier interval, so races change results too.
+//    FASTBERT_EMU_REPORT=0 keeps that scheduling without the reports.
+//  * ASan build (-DFB_EMU_ASAN with -fsanitize=address,undefined): fiber switches are announced to ASan.
 //  * half / bfloat16: storage types with fp32 math and round-to-nearest-even conversions, under the
 //    names of cuda_fp16.h / cuda_bf16.h that the kernels use.
-// Errors (deadlock, an exception inside a kernel) stop the launch and make emu::launch throw
-// std::runtime_error; the extern "C" entry points turn that into an error string for Python.
+// Errors (deadlock, an exception inside a kernel, a check's report) stop the launch and make emu::launch
+// throw std::runtime_error; the extern "C" entry points turn that into an error string for Python.
+// What no build here can show: the device-only inline PTX (mma.sync, ldmatrix, cp.async), real timing,
+// and the hardware memory model outside shared memory (global-memory ordering between blocks).
 #pragma once
 #ifndef FB_HOST_EMU
 #define FB_HOST_EMU 1
@@ -53,72 +64,61 @@
 #include <utility>
 #include <vector>
 
-// ------------------------------------------------------------------------------------------------
-// qualifiers and builtin types
-// ------------------------------------------------------------------------------------------------
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __noinline__
-#define __launch_bounds__(...)
-#define __align__(n) alignas(n)
-#define __shared__ static thread_local
-#define __constant__ static
-
-struct uint3 { unsigned x, y, z; };
-struct dim3 {
-  unsigned x, y, z;
-  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
-};
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(8) int2 { int x, y; };
-static constexpr int warpSize = 32;
-
-typedef void* cudaStream_t;
-typedef int cudaError_t;
-static constexpr cudaError_t cudaSuccess = 0;
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "no error (host emulation)"; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
-  if (n) std::memset(p, v, n);
-  return cudaSuccess;
-}
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, int = 0, cudaStream_t = nullptr) {
-  if (n) std::memcpy(d, s, n);
-  return cudaSuccess;
-}
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 4 : 227 * 1024;  // a small "GPU": few partial blocks
-  return cudaSuccess;
-}
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-template <typename F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+#include "cuda_host_runtime.h"  // qualifiers, builtin types, runtime API stubs, intrinsics, half / bfloat16
 
 // ------------------------------------------------------------------------------------------------
 // the scheduler
 // ------------------------------------------------------------------------------------------------
+// Emulator internals that touch no kernel memory are left out of the sanitizer / checking
+// instrumentation (cheaper, and the checks are about the kernels' accesses, not ours).
+#define FB_EMU_UNCHECKED __attribute__((no_sanitize_address, no_sanitize_undefined))
+
+#ifdef FB_EMU_ASAN  // the AddressSanitizer build: tell ASan which stack each fiber runs on
+extern "C" {
+void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
+}
+#endif
+
 namespace emu {
 
 enum class St : uint8_t { Ready, WaitBlock, WaitWarp, Done };
+
+constexpr size_t kStaticSmem = 64 * 1024;   // FB_SHARED arrays of one block
+constexpr size_t kMaxDynSmem = 227 * 1024;  // sm_90's opt-in maximum of dynamic shared memory
+constexpr size_t kSmemSlot = 320 * 1024;    // one worker's shared memory: static, then dynamic
+constexpr int kMaxWorkers = 64;
+
+// One 16-byte cp.async in flight (cp_async_16): lands in shared memory at the thread's matching wait.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int src_bytes;  // bytes read from src; the rest of the 16 are zero-filled
+  int group;      // commit group (the thread's count of cp_async_commit() calls when it was issued)
+  const void* where;
+};
 
 struct Fiber {
   ucontext_t ctx;
   uint3 tid;
   int linear = 0, warp = 0, lane = 0;
   St st = St::Ready;
-  size_t smem_cursor = 0;  // next FB_SHARED offset for this thread
-  int xchg_phase = 0;      // which half of the warp exchange buffer the next collective uses
+  bool warp_orders = false;  // the warp collective it waits at orders memory (false: mma / ldmatrix)
+  size_t smem_cursor = 0;    // next FB_SHARED offset for this thread
+  int xchg_phase = 0;        // which half of the warp exchange buffer the next collective uses
+  int async_group = 0;       // cp.async commit groups opened so far
+  std::vector<AsyncCopy> async;
+  void* stack = nullptr;
+#ifdef FB_EMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+// A FB_SHARED / FB_DYNAMIC_SHARED declaration, for reports.
+struct SharedDecl {
+  size_t off, bytes, elem;
+  const char* name;
 };
 
 struct Block {
@@ -127,42 +127,62 @@ struct Block {
   int nthreads = 0, nwarps = 0;
   std::vector<Fiber> fibers;
   ucontext_t sched;
-  std::vector<unsigned char> arena;    // FB_SHARED storage
-  std::vector<unsigned char> dyn;      // dynamic shared memory
-  std::vector<uint64_t> xchg;          // [nwarps][2][32] warp exchange slots
+  unsigned char* smem = nullptr;  // [kStaticSmem of FB_SHARED arrays][dynamic shared memory]
+  size_t dyn_bytes = 0;
+  size_t static_hwm = 0;          // highest FB_SHARED offset handed out in this launch
+  std::vector<SharedDecl> decls;  // this block's declarations, in order
+  std::vector<uint64_t> xchg;     // [nwarps][2][32] warp exchange slots
+  uint32_t bar_epoch = 1;                // __syncthreads() released so far (+1)
+  std::vector<uint32_t> warp_epoch;      // per warp: memory-ordering warp barriers released so far (+1)
   const std::function<void()>* body = nullptr;
+  const void* kernel = nullptr;
+  std::mt19937* rng = nullptr;
   std::string error;
+  long long hazards = 0;
+  const void* sched_stack = nullptr;  // the scheduler's stack, for the ASan fiber annotations
+  size_t sched_stack_size = 0;
+  unsigned char* dyn() const { return smem + kStaticSmem; }
 };
 
 struct Config {
   bool debug = false;
+  bool report = true;  // checking build: report hazards (0: only the interleaved scheduling)
   unsigned long seed = 12345;
   int workers = 1;
 };
 
+inline void read_env(Config& k) {
+  const char* d = std::getenv("FASTBERT_EMU_DEBUG");
+  k.debug = d && *d && std::strcmp(d, "0") != 0;
+  const char* r = std::getenv("FASTBERT_EMU_REPORT");
+  k.report = !(r && std::strcmp(r, "0") == 0);
+  k.seed = 12345;
+  if (const char* s = std::getenv("FASTBERT_EMU_SEED")) k.seed = std::strtoul(s, nullptr, 10);
+  if (const char* w = std::getenv("FASTBERT_EMU_WORKERS")) k.workers = std::max(1, std::atoi(w));
+}
+
 inline Config& config() {
   static Config c = [] {
     Config k;
-    const char* d = std::getenv("FASTBERT_EMU_DEBUG");
-    k.debug = d && *d && std::strcmp(d, "0") != 0;
-    if (const char* s = std::getenv("FASTBERT_EMU_SEED")) k.seed = std::strtoul(s, nullptr, 10);
     unsigned hw = std::thread::hardware_concurrency();
     k.workers = (int)std::max(1u, std::min(4u, hw ? hw : 1u));
-    if (const char* w = std::getenv("FASTBERT_EMU_WORKERS")) k.workers = std::max(1, std::atoi(w));
+    read_env(k);
     return k;
   }();
   return c;
 }
 
 // Re-read the environment (the Python side calls this after changing FASTBERT_EMU_* variables).
-inline void reload_config() {
-  Config& c = config();
-  const char* d = std::getenv("FASTBERT_EMU_DEBUG");
-  c.debug = d && *d && std::strcmp(d, "0") != 0;
-  c.seed = 12345;
-  if (const char* s = std::getenv("FASTBERT_EMU_SEED")) c.seed = std::strtoul(s, nullptr, 10);
-  if (const char* w = std::getenv("FASTBERT_EMU_WORKERS")) c.workers = std::max(1, std::atoi(w));
-}
+inline void reload_config() { read_env(config()); }
+
+#ifdef FB_EMU_CHECK
+constexpr bool kCheck = true;
+#else
+constexpr bool kCheck = false;
+#endif
+
+// Threads start in a shuffled order every scheduling round and shared memory starts poisoned.
+inline bool shuffled() { return kCheck || config().debug; }
 
 inline thread_local Block* t_block = nullptr;
 inline thread_local Fiber* t_fiber = nullptr;
@@ -174,24 +194,49 @@ inline Fiber& self() {
   return *t_fiber;
 }
 
-inline void yield_to_scheduler(St why) {
-  Fiber& f = self();
-  f.st = why;
-  swapcontext(&f.ctx, &t_block->sched);
+// ---- shared memory slots: one per worker, all inside one reservation so the checking build can tell
+// a shared-memory address from any other with one comparison.
+struct SmemPool {
+  unsigned char* base = nullptr;
+  std::atomic<uint64_t> used{0};
+  SmemPool() {
+    void* p = mmap(nullptr, kSmemSlot * kMaxWorkers, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    base = p == MAP_FAILED ? nullptr : static_cast<unsigned char*>(p);
+  }
+  int acquire() {
+    for (;;) {
+      uint64_t u = used.load();
+      if (~u == 0) fail("more than 64 concurrent emulated blocks");
+      int i = __builtin_ctzll(~u);
+      if (used.compare_exchange_weak(u, u | (1ull << i))) return i;
+    }
+  }
+  void release(int i) { used.fetch_and(~(1ull << i)); }
+};
+inline SmemPool& smem_pool() {
+  static SmemPool p;
+  if (!p.base) fail("could not reserve the emulated shared memory");
+  return p;
 }
 
-inline void fiber_main() {
-  Block* b = t_block;
-  try {
-    (*b->body)();
-  } catch (const std::exception& e) {
-    if (b->error.empty()) b->error = e.what();
-  } catch (...) {
-    if (b->error.empty()) b->error = "unknown exception in kernel";
-  }
-  t_fiber->st = St::Done;
-  // returning resumes uc_link = the scheduler
-}
+FB_EMU_UNCHECKED inline void switch_to_scheduler(Fiber& f);
+
+}  // namespace emu
+
+#ifdef FB_EMU_CHECK
+#include "cuda_host_check.h"
+#else
+namespace emu::check {  // the fast build: no shadow state
+inline void begin_launch(Block&) {}
+inline void begin_block(Block&) {}
+inline void declare(Block&, size_t, size_t) {}
+inline void async_issue(const AsyncCopy&) {}
+inline void async_land(const AsyncCopy&) {}
+}  // namespace emu::check
+#endif
+
+namespace emu {
 
 // A worker's reusable fiber stacks (mmap'd, only touched pages cost memory).
 struct StackPool {
@@ -210,6 +255,93 @@ struct StackPool {
   }
 };
 
+// ---- fiber switches ------------------------------------------------------------------------------
+FB_EMU_UNCHECKED inline void switch_to_fiber(Block& b, Fiber& f) {
+#ifdef FB_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack, StackPool::kStack);
+  swapcontext(&b.sched, &f.ctx);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  swapcontext(&b.sched, &f.ctx);
+#endif
+}
+
+FB_EMU_UNCHECKED inline void switch_to_scheduler(Fiber& f) {
+#ifdef FB_EMU_ASAN
+  __sanitizer_start_switch_fiber(&f.fake_stack, t_block->sched_stack, t_block->sched_stack_size);
+  swapcontext(&f.ctx, &t_block->sched);
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#else
+  swapcontext(&f.ctx, &t_block->sched);
+#endif
+}
+
+inline void yield_to_scheduler(St why, bool orders = true) {
+  Fiber& f = self();
+  f.st = why;
+  f.warp_orders = orders;
+  switch_to_scheduler(f);
+}
+
+// ---- cp.async (sm_80): 16-byte copies global -> shared that land at the issuing thread's matching
+// cp_async_wait<N>() (or when it exits), never earlier: a read before the wait sees the old contents.
+FB_EMU_UNCHECKED inline void async_land_group(Fiber& f, int below_group) {
+  size_t keep = 0;
+  for (size_t i = 0; i < f.async.size(); ++i) {
+    const AsyncCopy& c = f.async[i];
+    if (c.group < below_group) {
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, (size_t)c.src_bytes);
+      if (c.src_bytes < 16) std::memset(c.dst + c.src_bytes, 0, (size_t)(16 - c.src_bytes));
+      check::async_land(c);
+    } else {
+      f.async[keep++] = c;
+    }
+  }
+  f.async.resize(keep);
+}
+
+FB_EMU_UNCHECKED inline void cp_async_16(void* dst, const void* src, int src_bytes, const void* where) {
+  Fiber& f = self();
+  const Block& b = *t_block;
+  unsigned char* d = static_cast<unsigned char*>(dst);
+  const bool in_static = d >= b.smem && d + 16 <= b.smem + b.static_hwm;
+  const bool in_dyn = d >= b.dyn() && d + 16 <= b.dyn() + b.dyn_bytes;
+  if (!in_static && !in_dyn) fail("cp_async_16: the destination is not inside the block's shared memory");
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16 != 0)
+    fail("cp_async_16: source and destination must be 16-byte aligned");
+  if (src_bytes < 0 || src_bytes > 16) fail("cp_async_16: src_bytes must be in [0, 16]");
+  f.async.push_back(AsyncCopy{d, static_cast<const unsigned char*>(src), src_bytes, f.async_group, where});
+  check::async_issue(f.async.back());
+}
+inline void cp_async_commit() { ++self().async_group; }
+// Wait until at most `pending` of this thread's committed groups are still in flight.
+inline void cp_async_wait(int pending) {
+  Fiber& f = self();
+  async_land_group(f, f.async_group - pending);
+}
+
+FB_EMU_UNCHECKED inline void fiber_main() {
+  Block* b = t_block;
+#ifdef FB_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b->sched_stack, &b->sched_stack_size);
+#endif
+  try {
+    (*b->body)();
+    async_land_group(*t_fiber, INT32_MAX);  // copies still in flight land after the thread exits
+  } catch (const std::exception& e) {
+    if (b->error.empty()) b->error = e.what();
+  } catch (...) {
+    if (b->error.empty()) b->error = "unknown exception in kernel";
+  }
+  t_fiber->st = St::Done;
+#ifdef FB_EMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, b->sched_stack, b->sched_stack_size);
+#endif
+  // returning resumes uc_link = the scheduler
+}
+
+
 inline std::string state_summary(const Block& b) {
   int nb = 0, nw = 0, nd = 0;
   for (const Fiber& f : b.fibers) {
@@ -221,65 +353,90 @@ inline std::string state_summary(const Block& b) {
          std::to_string(nd) + " exited";
 }
 
-inline void run_block(Block& b, StackPool& pool, std::mt19937& rng) {
-  const Config& cfg = config();
+FB_EMU_UNCHECKED inline void run_block(Block& b, StackPool& pool, std::mt19937& rng) {
   b.nthreads = (int)(b.bdim.x * b.bdim.y * b.bdim.z);
   b.nwarps = (b.nthreads + 31) / 32;
   b.fibers.assign(b.nthreads, Fiber{});
   b.xchg.assign((size_t)b.nwarps * 64, 0);
   b.error.clear();
-  if (cfg.debug) {
-    std::fill(b.arena.begin(), b.arena.end(), 0xFF);
-    std::fill(b.dyn.begin(), b.dyn.end(), 0xFF);
+  b.decls.clear();
+  b.bar_epoch = 1;
+  b.warp_epoch.assign(b.nwarps, 1);
+  b.rng = &rng;
+  if (shuffled()) {  // shared memory is undefined at block start: make stale values visible
+    std::memset(b.smem, 0xFF, kStaticSmem);
+    std::memset(b.dyn(), 0xFF, b.dyn_bytes);
     std::fill(b.xchg.begin(), b.xchg.end(), ~uint64_t(0));
   }
+  check::begin_block(b);
   for (int i = 0; i < b.nthreads; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
     f.tid = uint3{(unsigned)i % b.bdim.x, (unsigned)(i / b.bdim.x) % b.bdim.y, (unsigned)(i / (b.bdim.x * b.bdim.y))};
     f.warp = i / 32;
     f.lane = i % 32;
+    f.stack = pool.get(i);
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = pool.get(i);
+    f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = StackPool::kStack;
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, (void (*)())fiber_main, 0);
+#ifdef FB_EMU_ASAN
+    // A fiber abandoned by an error may leave poisoned frames behind: start clean. Then hide the stack
+    // from ASan's swapcontext interceptor, which would otherwise clear its whole shadow at every switch
+    // (the switch annotations already tell ASan where each fiber's stack is).
+    __asan_unpoison_memory_region(f.stack, StackPool::kStack);
+    f.ctx.uc_stack.ss_sp = nullptr;
+    f.ctx.uc_stack.ss_size = 0;
+#endif
   }
   std::vector<int> order(b.nthreads);
   for (int i = 0; i < b.nthreads; ++i) order[i] = i;
+  // Checking build: in every barrier interval one random warp lags (runs only when no other thread
+  // can), so a thread reading what another warp writes in the same interval really sees stale data.
+  auto pick_laggard = [&] { return kCheck && b.nwarps > 1 ? (int)(rng() % (unsigned)b.nwarps) : -1; };
+  int laggard = pick_laggard();
   for (;;) {
-    if (cfg.debug) std::shuffle(order.begin(), order.end(), rng);
+    if (shuffled()) std::shuffle(order.begin(), order.end(), rng);
+    bool others_ready = false;
+    if (laggard >= 0)
+      for (const Fiber& f : b.fibers) others_ready |= f.st == St::Ready && f.warp != laggard;
     for (int i : order) {
       Fiber& f = b.fibers[i];
-      if (f.st != St::Ready) continue;
+      if (f.st != St::Ready || (others_ready && f.warp == laggard)) continue;
       t_fiber = &f;
-      swapcontext(&b.sched, &f.ctx);
+      switch_to_fiber(b, f);
       t_fiber = nullptr;
       if (!b.error.empty()) return;  // abandon the other fibers: their stacks are simply reused
     }
-    // Release barriers whose every live participant has arrived.
-    bool released = false, all_done = true, all_block = true;
+    // Release barriers whose every live participant has arrived. A thread the checking build
+    // preempted at a shared-memory access is still Ready and runs in the next round.
+    bool released = false, all_done = true, all_block = true, any_ready = false;
     for (int w = 0; w < b.nwarps; ++w) {
       int lo = w * 32, hi = std::min(b.nthreads, lo + 32);
-      bool any_warp = false, full = true;
+      bool any_warp = false, full = true, orders = false;
       for (int t = lo; t < hi; ++t) {
-        St s = b.fibers[t].st;
-        if (s != St::Done) all_done = false;
-        if (s == St::WaitWarp) any_warp = true;
-        else if (s != St::Done) full = false;
-        if (s != St::Done && s != St::WaitBlock) all_block = false;
+        const Fiber& f = b.fibers[t];
+        if (f.st != St::Done) all_done = false;
+        if (f.st == St::Ready) any_ready = true;
+        if (f.st == St::WaitWarp) any_warp = true, orders |= f.warp_orders;
+        else if (f.st != St::Done) full = false;
+        if (f.st != St::Done && f.st != St::WaitBlock) all_block = false;
       }
       if (any_warp && full) {
         for (int t = lo; t < hi; ++t)
           if (b.fibers[t].st == St::WaitWarp) b.fibers[t].st = St::Ready;
+        if (orders) ++b.warp_epoch[w];
         released = true;
       }
     }
     if (all_done) return;
-    if (released) continue;
+    if (released || any_ready) continue;
     if (all_block) {
       for (Fiber& f : b.fibers)
         if (f.st == St::WaitBlock) f.st = St::Ready;
+      ++b.bar_epoch;
+      laggard = pick_laggard();
       continue;
     }
     b.error = "deadlock in block (" + std::to_string(b.bid.x) + "," + std::to_string(b.bid.y) + "," +
@@ -290,11 +447,13 @@ inline void run_block(Block& b, StackPool& pool, std::mt19937& rng) {
 }
 
 // Run body() as a kernel over grid x block.
-inline void launch_body(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+inline void launch_body(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body,
+                        const void* kernel) {
   const long long nblocks = (long long)grid.x * grid.y * grid.z;
   const long long nthreads = (long long)block.x * block.y * block.z;
   if (nthreads < 1 || nthreads > 1024) fail("invalid block size " + std::to_string(nthreads));
   if (block.z > 64 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) fail("invalid launch dimensions");
+  if (smem_bytes > kMaxDynSmem) fail("dynamic shared memory of " + std::to_string(smem_bytes) + " bytes exceeds 227 KiB");
   // as on a GPU (cudaErrorInvalidConfiguration): a launcher must skip empty work, not launch zero blocks
   if (nblocks == 0) fail("invalid configuration argument: a grid of zero blocks");
   Config& cfg = config();
@@ -302,6 +461,7 @@ inline void launch_body(dim3 grid, dim3 block, size_t smem_bytes, const std::fun
   std::atomic<long long> next{0};
   std::mutex err_mu;
   std::string first_error;
+  long long hazards = 0;
   std::atomic<bool> stop{false};
   auto worker = [&](int wid) {
     StackPool pool;
@@ -309,28 +469,34 @@ inline void launch_body(dim3 grid, dim3 block, size_t smem_bytes, const std::fun
     b.bdim = block;
     b.gdim = grid;
     b.body = &body;
-    b.arena.assign(64 * 1024, 0);
-    b.dyn.assign(smem_bytes, 0);
+    b.kernel = kernel;
+    const int slot = smem_pool().acquire();
+    b.smem = smem_pool().base + (size_t)slot * kSmemSlot;
+    b.dyn_bytes = smem_bytes;
+    std::memset(b.smem, 0, kStaticSmem + smem_bytes);
     std::mt19937 rng((unsigned)(cfg.seed * 7919u + (unsigned)wid));
     Block* prev_block = t_block;
+    t_block = &b;
+    check::begin_launch(b);
     for (;;) {
       long long i = next.fetch_add(1);
       if (i >= nblocks || stop.load()) break;
       b.bid = uint3{(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y), (unsigned)(i / ((long long)grid.x * grid.y))};
-      t_block = &b;
       try {
         run_block(b, pool, rng);
       } catch (const std::exception& e) {
         b.error = e.what();
       }
-      t_block = prev_block;
       if (!b.error.empty()) {
         std::lock_guard<std::mutex> g(err_mu);
         if (first_error.empty()) first_error = b.error;
+        hazards += b.hazards;
         stop = true;
         break;
       }
     }
+    t_block = prev_block;
+    smem_pool().release(slot);
   };
   if (nworkers <= 1) {
     worker(0);
@@ -339,7 +505,10 @@ inline void launch_body(dim3 grid, dim3 block, size_t smem_bytes, const std::fun
     for (int w = 0; w < nworkers; ++w) ts.emplace_back(worker, w);
     for (auto& t : ts) t.join();
   }
-  if (!first_error.empty()) throw std::runtime_error(first_error);
+  if (!first_error.empty()) {
+    if (hazards > 1) first_error += "\n(" + std::to_string(hazards - 1) + " more reports in this launch not shown)";
+    throw std::runtime_error(first_error);
+  }
 }
 
 // emu::launch(kernel, grid, block, smem_bytes, args...): the host form of kernel<<<grid, block, smem>>>(args...).
@@ -348,33 +517,49 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   static_assert(sizeof...(KArgs) == sizeof...(Args), "emu::launch: wrong number of kernel arguments");
   std::tuple<std::decay_t<KArgs>...> packed(static_cast<std::decay_t<KArgs>>(args)...);
   std::function<void()> body = [kernel, &packed]() { std::apply(kernel, packed); };
-  launch_body(grid, block, smem_bytes, body);
+  launch_body(grid, block, smem_bytes, body, reinterpret_cast<const void*>(kernel));
 }
 
 // ---- shared memory ------------------------------------------------------------------------------
-inline void* shared_alloc(size_t bytes) {
+// Every thread runs the same FB_SHARED declarations in the same order, so each gets the same offsets.
+inline void* shared_alloc(size_t bytes, size_t elem, const char* name) {
   Fiber& f = self();
   Block& b = *t_block;
   size_t off = (f.smem_cursor + 15) & ~size_t(15);
-  if (off + bytes > b.arena.size()) fail("FB_SHARED arrays exceed the emulated 64 KiB of static shared memory");
+  if (off + bytes > kStaticSmem) fail("FB_SHARED arrays exceed the emulated 64 KiB of static shared memory");
   f.smem_cursor = off + bytes;
-  return b.arena.data() + off;
+  if (f.smem_cursor > b.static_hwm) b.static_hwm = f.smem_cursor;
+  if (std::none_of(b.decls.begin(), b.decls.end(), [&](const SharedDecl& d) { return d.off == off; })) {
+    b.decls.push_back(SharedDecl{off, bytes, elem, name});
+    check::declare(b, off, bytes);
+  }
+  return b.smem + off;
 }
 template <typename T>
-inline T* shared_array(size_t count) { return static_cast<T*>(shared_alloc(sizeof(T) * count)); }
-inline void* dynamic_shared() { self(); return t_block->dyn.data(); }
+inline T* shared_array(size_t count, const char* name) {
+  return static_cast<T*>(shared_alloc(sizeof(T) * count, sizeof(T), name));
+}
+inline void* dynamic_shared(size_t elem, const char* name) {
+  self();
+  Block& b = *t_block;
+  if (std::none_of(b.decls.begin(), b.decls.end(), [&](const SharedDecl& d) { return d.off == kStaticSmem; }))
+    b.decls.push_back(SharedDecl{kStaticSmem, b.dyn_bytes, elem, name});
+  return b.dyn();
+}
 
 // ---- barriers and warp collectives --------------------------------------------------------------
 inline void syncthreads() { yield_to_scheduler(St::WaitBlock); }
 inline void syncwarp() { yield_to_scheduler(St::WaitWarp); }
 
 // Every live lane publishes `v`, waits for the warp, and returns a pointer to the warp's 32 slots.
-inline const uint64_t* warp_exchange(uint64_t v) {
+// `orders`: whether the collective orders the lanes' memory accesses for the race check (shuffles,
+// votes, __syncwarp: yes; the emulation's own exchanges inside mma / ldmatrix: no).
+FB_EMU_UNCHECKED inline const uint64_t* warp_exchange(uint64_t v, bool orders = true) {
   Fiber& f = self();
   uint64_t* slots = t_block->xchg.data() + ((size_t)f.warp * 2 + f.xchg_phase) * 32;
   f.xchg_phase ^= 1;  // double buffer: the next collective cannot overwrite slots still being read
   slots[f.lane] = v;
-  syncwarp();
+  yield_to_scheduler(St::WaitWarp, orders);
   return slots;
 }
 
@@ -457,95 +642,3 @@ inline int __all_sync(unsigned m, int pred) {
   return (__ballot_sync(m, pred) & live) == live;
 }
 
-// ---- atomics (blocks run concurrently on worker threads) ----------------------------------------
-inline float atomicAdd(float* p, float v) {
-  uint32_t* u = reinterpret_cast<uint32_t*>(p);
-  uint32_t old = __atomic_load_n(u, __ATOMIC_RELAXED), nw;
-  do {
-    float f;
-    std::memcpy(&f, &old, 4);
-    f += v;
-    std::memcpy(&nw, &f, 4);
-  } while (!__atomic_compare_exchange_n(u, &old, nw, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-  float r;
-  std::memcpy(&r, &old, 4);
-  return r;
-}
-inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-
-// ---- math intrinsics ----------------------------------------------------------------------------
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __log2f(float x) { return std::log2(x); }
-inline float __powf(float a, float b) { return std::pow(a, b); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __frcp_rn(float a) { return 1.0f / a; }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __frsqrt_rn(float x) { return 1.0f / std::sqrt(x); }
-inline float __fsqrt_rn(float x) { return std::sqrt(x); }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
-inline float __tanhf(float x) { return std::tanh(x); }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
-inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
-template <typename T>
-inline T __ldg(const T* p) { return *p; }
-// CUDA's global min/max overloads for device code.
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline long long max(long long a, long long b) { return a > b ? a : b; }
-inline float min(float a, float b) { return std::fmin(a, b); }
-inline float max(float a, float b) { return std::fmax(a, b); }
-
-// ---- half and bfloat16 (cuda_fp16.h / cuda_bf16.h names) ----------------------------------------
-// Storage types; arithmetic goes through float (as fastbert's kernels always do).
-struct __half {
-  uint16_t __x;
-  __half() = default;
-  __half(float f) { _Float16 h = (_Float16)f; std::memcpy(&__x, &h, 2); }  // round to nearest even
-  operator float() const { _Float16 h; std::memcpy(&h, &__x, 2); return (float)h; }
-};
-struct __nv_bfloat16 {
-  uint16_t __x;
-  __nv_bfloat16() = default;
-  __nv_bfloat16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-      __x = (uint16_t)((u >> 16) | 0x40u);  // quiet NaN, sign kept
-    } else {
-      u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-      __x = (uint16_t)(u >> 16);
-    }
-  }
-  operator float() const { uint32_t u = (uint32_t)__x << 16; float f; std::memcpy(&f, &u, 4); return f; }
-};
-struct alignas(4) __half2 { __half x, y; };
-struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
-typedef __half half;
-typedef __nv_bfloat16 nv_bfloat16;
-
-inline __half __float2half(float f) { return __half(f); }
-inline __half __float2half_rn(float f) { return __half(f); }
-inline float __half2float(__half h) { return (float)h; }
-inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
-inline float __bfloat162float(__nv_bfloat16 h) { return (float)h; }
-inline __half2 __floats2half2_rn(float a, float b) { return __half2{__half(a), __half(b)}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return __nv_bfloat162{__nv_bfloat16(a), __nv_bfloat16(b)}; }
-inline __half2 __float22half2_rn(float2 v) { return __floats2half2_rn(v.x, v.y); }
-inline __nv_bfloat162 __float22bfloat162_rn(float2 v) { return __floats2bfloat162_rn(v.x, v.y); }
-inline float2 __half22float2(__half2 h) { return float2{(float)h.x, (float)h.y}; }
-inline float2 __bfloat1622float2(__nv_bfloat162 h) { return float2{(float)h.x, (float)h.y}; }
-inline float __low2float(__half2 h) { return (float)h.x; }
-inline float __high2float(__half2 h) { return (float)h.y; }
-inline float __low2float(__nv_bfloat162 h) { return (float)h.x; }
-inline float __high2float(__nv_bfloat162 h) { return (float)h.y; }

@@ -1,30 +1,37 @@
-// flash_attn.cu: bidirectional ALiBi attention over packed variable-length sequences, forward and
-// backward, on tensor cores (mma.sync m16n8k16, fp32 accumulation), FlashAttention-2 structure.
+// flash_attn.cu: bidirectional ALiBi attention over packed variable-length sequences, global or local
+// (sliding window), forward and backward, on tensor cores (mma.sync m16n8k16, fp32 accumulation),
+// FlashAttention-2 structure.
 //
 // Semantics (fastbert.reference.flash_attn_fwd / flash_attn_bwd): for the tokens of one sequence b,
 //   score[i, j] = q_i . k_j * scale - slope[b, h] * |i - j|     (i, j positions inside sequence b)
 //   out_i = sum_j softmax_j(score[i, :]) v_j,   lse[h, t] = logsumexp_j score[i, j]  (natural log, fp32)
+// with j restricted to i - win_left <= j <= i + win_right under a window (flash-attn's window_size).
 // No token ever attends across sequences; empty sequences produce nothing.
 //
 // Layout: q, k, v are [T, H, D] with unit stride over D and any token / head strides (views of a fused
 // [T, 3, H, D] QKV projection work without a copy). out, dout, dq, dk, dv are contiguous [T, H, D];
 // lse and the backward's delta workspace are [H, T] fp32.
 //
-// Kernels (4 warps per block, each warp owns 16 rows of a 64-row tile):
+// Kernels (4 warps per block, each warp owns 16 rows of a 64-row tile), each one template with the
+// window as a compile-time switch (kWindow = false is the global kernel, with no window code in it):
 //   fwd   grid (query blocks, H, B): Q tile in shared memory, K/V tiles streamed through shared memory,
 //         S = Q K^T and O += P V on tensor cores, online softmax in fp32 in the log2 domain (log2(e)
 //         folded into the scale and the slopes, exp2 only), the ALiBi bias from the row / column
-//         positions in registers, key tails masked to -inf.
-//   dq    grid (query blocks, H, B): delta = rowsum(dO * O) for its rows (written to the workspace for
-//         the next kernel), then over key tiles: recompute P from lse, dP = dO V^T,
+//         positions in registers, key tails (and window edges) masked to -inf.
+//   dq    grid (query blocks, H, B): over key tiles twice: first delta = sum_j P dP / sum_j P for its
+//         rows (written to the workspace for the next kernel), then P from lse, dP = dO V^T,
 //         dS = P (dP - delta), dQ += dS K.
 //   dkdv  grid (key blocks, H, B): over query tiles: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T,
 //         dV += P^T dO, dK += dS^T Q. Working transposed keeps P^T / dS^T in the C-fragment layout,
 //         which is directly the A-fragment layout of the next mma (no shuffles, no shared memory).
+// With a window every loop's bounds come from reach(): tiles wholly outside the window are skipped, so
+// the work per row is proportional to the window; tiles cut by its edge are masked element by element.
 // dQ is computed by its own pass instead of fp32 atomics from the dK/dV pass. Why: the result is
 // deterministic (bitwise reproducible gradients, so a resumed run repeats itself), there is no
 // [T, H, D] fp32 accumulator to allocate, zero and convert, and the host emulation needs no atomics.
-// The price is recomputing S and dP once more (7 instead of 5 matmuls in the backward).
+// The price is recomputing S and dP in the dq pass (9 tile matmuls per tile pair in the backward,
+// with the delta loop, instead of 5). delta is formed from P and dP rather than rowsum(dO * O) of the
+// output rounded to fp16/bf16: fastbert.reference.flash_attn_bwd explains the measured difference.
 //
 // Fragments are read from shared memory with ldmatrix.x4 (.trans for the operands whose reduction dim
 // runs down the tile's rows); rows are padded by 8 elements (16 bytes) so those loads are free of bank
@@ -32,6 +39,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -69,7 +77,7 @@ struct Cfg {
 struct Params {
   const void *q, *k, *v;
   int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh;  // token and head strides, in elements
-  const void* out;     // fwd: written; bwd: read
+  const void* out;     // fwd: written
   const void* dout;    // bwd
   void *dq, *dk, *dv;  // bwd
   float* lse;          // [H, T]; fwd writes it, bwd reads it
@@ -80,6 +88,9 @@ struct Params {
   int64_t total;
   float scale;  // softmax scale (natural)
   bool vec;     // 16-byte global loads are legal (aligned pointers, strides multiple of 8 elements)
+  bool window;  // local attention: picks the kernels' kWindow instance
+  int win_left, win_right;  // query i sees keys i - win_left .. i + win_right (kUnbounded for -1)
+  int32_t* visits;          // nullptr, or per-block tile counts (tests: the work is bounded by the window)
 };
 
 // ---- small helpers. A 32-bit store of two 16-bit elements: the callers guarantee 4-byte alignment (even
@@ -265,6 +276,37 @@ __device__ __forceinline__ float slope_log2(const Params& p, int b, int h) {
   return p.slopes ? p.slopes[b * p.heads + h] * kLog2e : 0.f;
 }
 
+// [lo, hi): the positions of the other axis that the rows first..last of a block can see, a row at x
+// seeing x - before .. x + after; lo rounded down to a multiple of BLOCK (the tile width). Every tile loop
+// takes its bounds from here, so tiles wholly outside the window are never loaded or computed (the work
+// per row grows with the window, not the sequence); without a window it is the whole sequence.
+template <bool kWindow, int BLOCK>
+__device__ __forceinline__ void reach(int first, int last, int len, int before, int after, int& lo, int& hi) {
+  lo = kWindow ? max(first - before, 0) / BLOCK * BLOCK : 0;
+  hi = kWindow ? min(last + after + 1, len) : len;
+}
+
+// Whether query position i sees key position j: j inside the sequence and, with a window,
+// i - win_left <= j <= i + win_right. Masks the tiles that the window's edge cuts.
+template <bool kWindow>
+__device__ __forceinline__ bool visible(const Params& p, int i, int j, int len) {
+  return j < len && (!kWindow || (j >= i - p.win_left && j <= i + p.win_right));
+}
+
+// lse in log2 units for the backward: +inf for rows past the sequence and for rows whose every score
+// was -inf (lse = -inf), so that their P is exactly 0 instead of nan.
+__device__ __forceinline__ float lse_log2(const Params& p, int h, int64_t tok, bool valid) {
+  const float x = valid ? p.lse[h * p.total + tok] * kLog2e : INFINITY;
+  return x == -INFINITY ? INFINITY : x;
+}
+
+// Test instrumentation: with p.visits set, each block records how many tiles its loops ran
+// (index [h][b][blockIdx.x]); one store per block, nothing when p.visits is null.
+__device__ __forceinline__ void record_visits(const Params& p, int tiles) {
+  if (p.visits != nullptr && threadIdx.x == 0)
+    p.visits[((int64_t)blockIdx.y * p.batch + blockIdx.z) * gridDim.x + blockIdx.x] = tiles;
+}
+
 // Row `r` (0: g, 1: g + 8) of this lane's C fragments c[N][4], times mul, to the D = N * 8 contiguous
 // elements at row (32-bit stores of column pairs 2t, 2t + 1 of every n-tile).
 template <typename T, int N>
@@ -276,7 +318,7 @@ __device__ __forceinline__ void store_frag_row(T* row, const float (&c)[N][4], i
 // ================================================================================================
 // forward
 // ================================================================================================
-template <typename T, int D>
+template <typename T, int D, bool kWindow>
 __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p) {
   using Tag = typename MmaTag<T>::type;
   constexpr int BN = Cfg<D>::kFwdKeys, LD = D + 8;
@@ -302,7 +344,9 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
   float m[2] = {-INFINITY, -INFINITY};  // running max (log2 domain)
   float l[2] = {0.f, 0.f};              // running sum of this lane's columns (quad-reduced at the end)
 
-  for (int n0 = 0; n0 < len; n0 += BN) {
+  int lo, hi, tiles = 0;
+  reach<kWindow, BN>(m0, min(m0 + kRows, len) - 1, len, p.win_left, p.win_right, lo, hi);
+  for (int n0 = lo; n0 < hi; n0 += BN, ++tiles) {
     __syncthreads();  // the previous tile's readers are done with sK / sV
     load_tile<T, BN, D, LD>(sK, k + n0 * p.k_st, p.k_st, len - n0, p.vec);
     load_tile<T, BN, D, LD>(sV, v + n0 * p.v_st, p.v_st, len - n0, p.vec);
@@ -311,24 +355,26 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
     float s[NT][4];  // S = Q K^T
     zero_frags(s);
     mma_abt<Tag, LD, D>(s, sQ, r0, sK, lane);
-    // scale, ALiBi bias, key mask; new row maxima
+    // scale, ALiBi bias, key and window mask; new row maxima
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int j = n0 + nt * 8 + 2 * t + (e & 1);
-        float x = alibi_score2(s[nt][e], scale2, slope2, pos0 + 8 * (e >> 1), j);
-        x = j < len ? x : -INFINITY;
-        s[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        const int i = pos0 + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+        const float x = alibi_score2(s[nt][e], scale2, slope2, i, j);
+        s[nt][e] = visible<kWindow>(p, i, j, len) ? x : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       }
     }
-    float alpha[2];
+    // A row can meet a tile with no finite score (cut off by the window's edge, or an ALiBi bias that
+    // overflowed to -inf): its max stays -inf and exp2(-inf - -inf) would be nan, so it subtracts 0.
+    float alpha[2], base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);  // finite: key 0 of the first tile is always valid
-      alpha[r] = exp2f(m[r] - mx[r]);
+      mx[r] = quad_max(mx[r]);
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      alpha[r] = exp2f(m[r] - base[r]);
       m[r] = mx[r];
       l[r] *= alpha[r];
     }
@@ -336,7 +382,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m[e >> 1]);
+        s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
         l[e >> 1] += s[nt][e];
       }
     }
@@ -354,17 +400,18 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd_kernel(const Params p
     const float lsum = quad_sum(l[r]);  // warp collective: before the early continue
     const int i = pos0 + 8 * r;
     if (i >= len) continue;
-    const float inv = 1.f / lsum;
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // 0 only when every score was -inf: out 0, lse -inf
     const int64_t tok = start + i;
     store_frag_row<T>(out + (tok * p.heads + h) * D, o, r, t, inv);
     if (t == 0) p.lse[h * p.total + tok] = (m[r] + log2f(lsum)) * kLn2;
   }
+  record_visits(p, tiles);
 }
 
 // ================================================================================================
 // backward, pass 1: delta and dQ (one block per 64 query rows)
 // ================================================================================================
-template <typename T, int D>
+template <typename T, int D, bool kWindow>
 __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Params p) {
   using Tag = typename MmaTag<T>::type;
   constexpr int BN = Cfg<D>::kDqKeys, LD = D + 8;
@@ -388,56 +435,67 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Param
 
   const int r0 = warp * 16;
   const int pos0 = m0 + r0 + g;  // this lane's rows: pos0 and pos0 + 8
-  // delta = rowsum(dO * O) over this lane's columns of its two rows, then over the quad. Rows past
-  // the end get lse = +inf, so their P (and everything downstream) is exactly zero.
-  float delta[2], lse2[2];
-  {
-    const T* out = static_cast<const T*>(p.out);
-    const T* dout = static_cast<const T*>(p.dout);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float acc = 0.f;
-      const int i = pos0 + 8 * r;
-      const int64_t tok = start + i;
-      if (i < len) {
-        const T* orow = out + (tok * p.heads + h) * D;
-        const T* drow = dout + (tok * p.heads + h) * D;
-#pragma unroll
-        for (int c = 2 * t; c < D; c += 8) {
-          acc += Cvt<T>::to_f(orow[c]) * Cvt<T>::to_f(drow[c]) + Cvt<T>::to_f(orow[c + 1]) * Cvt<T>::to_f(drow[c + 1]);
-        }
-      }
-      delta[r] = quad_sum(acc);
-      lse2[r] = i < len ? p.lse[h * p.total + tok] * kLog2e : INFINITY;
-      if (i < len && t == 0) p.delta[h * p.total + tok] = delta[r];
-    }
-  }
+  const float lse2[2] = {lse_log2(p, h, start + pos0, pos0 < len), lse_log2(p, h, start + pos0 + 8, pos0 + 8 < len)};
+  int lo, hi, tiles = 0;
+  reach<kWindow, BN>(m0, min(m0 + kRows, len) - 1, len, p.win_left, p.win_right, lo, hi);
 
-  float dq[ND][4];
-  zero_frags(dq);
-
-  for (int n0 = 0; n0 < len; n0 += BN) {
-    __syncthreads();
+  // One key tile (rows n0..): K and V to shared memory, then this warp's P = exp2(S - lse2) (0 where the
+  // key is not visible) into pf and dP = dO V^T into dpf.
+  auto tile = [&](int n0, float (&pf)[NT][4], float (&dpf)[NT][4]) {
+    __syncthreads();  // the previous tile's readers are done with sK / sV
     load_tile<T, BN, D, LD>(sK, k + n0 * p.k_st, p.k_st, len - n0, p.vec);
     load_tile<T, BN, D, LD>(sV, v + n0 * p.v_st, p.v_st, len - n0, p.vec);
     __syncthreads();
-
-    float s[NT][4], dp[NT][4];  // S = Q K^T, dP = dO V^T
-    zero_frags(s);
-    zero_frags(dp);
-    mma_abt2<Tag, LD, D>(s, sQ, sK, dp, sdO, sV, r0, lane);
-    // P = exp2(S * scale2 - bias - lse2), dS = P (dP - delta), kept in s[]
+    zero_frags(pf);
+    zero_frags(dpf);
+    mma_abt2<Tag, LD, D>(pf, sQ, sK, dpf, sdO, sV, r0, lane);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int j = n0 + nt * 8 + 2 * t + (e & 1), r = e >> 1;
-        const float x = alibi_score2(s[nt][e], scale2, slope2, pos0 + 8 * r, j) - lse2[r];
-        const float pv = j < len ? exp2f(x) : 0.f;
-        s[nt][e] = pv * (dp[nt][e] - delta[r]);
+        const int i = pos0 + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+        const float x = alibi_score2(pf[nt][e], scale2, slope2, i, j) - lse2[e >> 1];
+        pf[nt][e] = visible<kWindow>(p, i, j, len) ? exp2f(x) : 0.f;
       }
     }
-    mma_pb<Tag, LD>(dq, s, sK, lane);  // dQ += dS K
+  };
+
+  // Loop 1: delta_i = sum_j P_ij dP_ij / sum_j P_ij, from the same P and dP that form dS below, not
+  // rowsum(dO * O) from the output rounded to T (see fastbert.reference.flash_attn_bwd for why).
+  float pdp[2] = {0.f, 0.f}, psum[2] = {0.f, 0.f};
+  for (int n0 = lo; n0 < hi; n0 += BN, ++tiles) {
+    float pf[NT][4], dpf[NT][4];
+    tile(n0, pf, dpf);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pdp[e >> 1] += pf[nt][e] * dpf[nt][e];
+        psum[e >> 1] += pf[nt][e];
+      }
+    }
+  }
+  float delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float ps = quad_sum(psum[r]), pd = quad_sum(pdp[r]);
+    delta[r] = ps > 0.f ? pd / ps : 0.f;  // rows past the end (or all -inf) have no P: delta 0
+    const int i = pos0 + 8 * r;
+    if (i < len && t == 0) p.delta[h * p.total + start + i] = delta[r];  // for the dK/dV kernel
+  }
+
+  // Loop 2: dQ += dS K with dS = P (dP - delta)
+  float dq[ND][4];
+  zero_frags(dq);
+  for (int n0 = lo; n0 < hi; n0 += BN, ++tiles) {
+    float pf[NT][4], dpf[NT][4];
+    tile(n0, pf, dpf);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pf[nt][e] *= dpf[nt][e] - delta[e >> 1];
+    }
+    mma_pb<Tag, LD>(dq, pf, sK, lane);
   }
 
   T* dqp = static_cast<T*>(p.dq);
@@ -447,12 +505,13 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dq_kernel(const Param
     if (i >= len) continue;
     store_frag_row<T>(dqp + ((start + i) * p.heads + h) * D, dq, r, t, p.scale);
   }
+  record_visits(p, tiles);
 }
 
 // ================================================================================================
 // backward, pass 2: dK and dV (one block per 64 key rows; reads delta written by pass 1)
 // ================================================================================================
-template <typename T, int D>
+template <typename T, int D, bool kWindow>
 __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Params p) {
   using Tag = typename MmaTag<T>::type;
   constexpr int BM = Cfg<D>::kDkvQueries, LD = D + 8;
@@ -483,13 +542,16 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
   zero_frags(dk);
   zero_frags(dv);
 
-  for (int m0 = 0; m0 < len; m0 += BM) {
+  // key j is seen by the queries i with i - win_left <= j <= i + win_right: j - win_right .. j + win_left
+  int lo, hi, tiles = 0;
+  reach<kWindow, BM>(n0, min(n0 + kRows, len) - 1, len, p.win_right, p.win_left, lo, hi);
+  for (int m0 = lo; m0 < hi; m0 += BM, ++tiles) {
     __syncthreads();
     load_tile<T, BM, D, LD>(sQ, q + m0 * p.q_st, p.q_st, len - m0, p.vec);
     load_tile<T, BM, D, LD>(sdO, dout + m0 * rs, rs, len - m0, p.vec);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       const bool ok = m0 + i < len;  // query rows past the end: P = exp2(-inf) = 0
-      sLse2[i] = ok ? p.lse[h * p.total + start + m0 + i] * kLog2e : INFINITY;
+      sLse2[i] = lse_log2(p, h, start + m0 + i, ok);
       sDelta[i] = ok ? p.delta[h * p.total + start + m0 + i] : 0.f;
     }
     __syncthreads();
@@ -506,7 +568,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + 2 * t + (e & 1), j = pos0 + 8 * (e >> 1);
         const float x = alibi_score2(st[nt][e], scale2, slope2, m0 + c, j) - sLse2[c];
-        const float pv = j < len ? exp2f(x) : 0.f;
+        const float pv = visible<kWindow>(p, m0 + c, j, len) ? exp2f(x) : 0.f;
         st[nt][e] = pv;
         dpt[nt][e] = pv * (dpt[nt][e] - sDelta[c]);
       }
@@ -524,6 +586,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
     store_frag_row<T>(dkp + off, dk, r, t, p.scale);
     store_frag_row<T>(dvp + off, dv, r, t, 1.f);  // x * 1.f is exact: folded away
   }
+  record_visits(p, tiles);
 }
 
 // ================================================================================================
@@ -531,7 +594,8 @@ __global__ void __launch_bounds__(kThreads) flash_attn_bwd_dkdv_kernel(const Par
 // ================================================================================================
 inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
 
-inline void check_common(int dtype, int head_dim, int batch, int heads, int max_seqlen) {
+inline void check_common(int dtype, int head_dim, int batch, int heads, int max_seqlen, int win_left,
+                         int win_right) {
   if (dtype != kF16 && dtype != kBF16)
     throw std::invalid_argument(std::string("flash_attn: dtype code ") + std::to_string(dtype) +
                                 " is not supported: the CUDA attention kernels take float16 or bfloat16");
@@ -541,14 +605,20 @@ inline void check_common(int dtype, int head_dim, int batch, int heads, int max_
   if (batch < 0 || heads < 1 || heads > 65535 || batch > 65535 || max_seqlen < 0)
     throw std::invalid_argument("flash_attn: bad sizes (batch " + std::to_string(batch) + ", heads " +
                                 std::to_string(heads) + ", max_seqlen " + std::to_string(max_seqlen) + ")");
+  if (win_left < -1 || win_right < -1)
+    throw std::invalid_argument("flash_attn: window_size: expected each side >= 0 or -1 (unbounded), got (" +
+                                std::to_string(win_left) + ", " + std::to_string(win_right) + ")");
 }
 
-// Params shared by the forward and the backward: q, k, v with their strides, sizes, scale. The 16-byte
-// vector path needs every strided input aligned with strides a multiple of 8 elements (the contiguous
-// tensors are checked by the caller: `extra` is the one it reads through load_tile, or nullptr).
+// Params shared by the forward and the backward: q, k, v with their strides, sizes, scale, window. The
+// 16-byte vector path needs every strided input aligned with strides a multiple of 8 elements (the
+// contiguous tensors are checked by the caller: `extra` is the one it reads through load_tile, or nullptr).
+// A window side of -1 becomes kUnbounded, farther than any sequence, so the masks need no special case.
+constexpr int kUnbounded = 1 << 30;
 inline Params make_params(const void* q, const void* k, const void* v, int64_t q_st, int64_t q_sh, int64_t k_st,
                           int64_t k_sh, int64_t v_st, int64_t v_sh, const void* extra, const int32_t* cu_seqlens,
-                          const float* slopes, int batch, int heads, int64_t total, float scale) {
+                          const float* slopes, int batch, int heads, int64_t total, float scale, int win_left,
+                          int win_right, int32_t* visits) {
   Params p{};
   p.q = q, p.k = k, p.v = v;
   p.q_st = q_st, p.q_sh = q_sh, p.k_st = k_st, p.k_sh = k_sh, p.v_st = v_st, p.v_sh = v_sh;
@@ -556,44 +626,58 @@ inline Params make_params(const void* q, const void* k, const void* v, int64_t q
   p.batch = batch, p.heads = heads, p.total = total, p.scale = scale;
   p.vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(extra) && q_st % 8 == 0 && q_sh % 8 == 0 &&
           k_st % 8 == 0 && k_sh % 8 == 0 && v_st % 8 == 0 && v_sh % 8 == 0;
+  p.window = win_left >= 0 || win_right >= 0;
+  p.win_left = win_left < 0 ? kUnbounded : std::min(win_left, kUnbounded);
+  p.win_right = win_right < 0 ? kUnbounded : std::min(win_right, kUnbounded);
+  p.visits = visits;
   return p;
 }
 
 struct Fwd {
-  template <typename T, int D>
+  template <typename T, int D, bool W>
   static void run(const Params& p, int max_seqlen, cudaStream_t stream) {
     (void)stream;  // unused by the host emulation's FB_LAUNCH
     const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
-    auto kern = flash_attn_fwd_kernel<T, D>;
+    auto kern = flash_attn_fwd_kernel<T, D, W>;
     FB_LAUNCH(kern, grid, dim3(kThreads), 0, stream, p);
     check_launch("flash_attn_fwd_kernel");
   }
 };
 
 struct Bwd {
-  template <typename T, int D>
+  template <typename T, int D, bool W>
   static void run(const Params& p, int max_seqlen, cudaStream_t stream) {
     (void)stream;
     const dim3 grid(ceil_div(max_seqlen, kRows), p.heads, p.batch);
     // dq first: it also writes delta, which dkdv reads (same stream, so ordered)
-    auto dq_kern = flash_attn_bwd_dq_kernel<T, D>;
+    auto dq_kern = flash_attn_bwd_dq_kernel<T, D, W>;
     FB_LAUNCH(dq_kern, grid, dim3(kThreads), 0, stream, p);
     check_launch("flash_attn_bwd_dq_kernel");
-    auto dkdv_kern = flash_attn_bwd_dkdv_kernel<T, D>;
-    FB_LAUNCH(dkdv_kern, grid, dim3(kThreads), 0, stream, p);
+    Params p2 = p;  // visit counts of the second kernel go after the first's
+    if (p.visits) p2.visits = p.visits + (int64_t)grid.x * grid.y * grid.z;
+    auto dkdv_kern = flash_attn_bwd_dkdv_kernel<T, D, W>;
+    FB_LAUNCH(dkdv_kern, grid, dim3(kThreads), 0, stream, p2);
     check_launch("flash_attn_bwd_dkdv_kernel");
   }
 };
 
-// Op::run<T, D> for the dtype code and head dim (both validated by check_common).
+// Op::run<T, D, window> for the dtype code, head dim (both validated by check_common) and p.window.
+template <typename Op, typename T, int D>
+void dispatch_window(const Params& p, int max_seqlen, cudaStream_t stream) {
+  p.window ? Op::template run<T, D, true>(p, max_seqlen, stream) : Op::template run<T, D, false>(p, max_seqlen, stream);
+}
+template <typename Op, typename T>
+void dispatch_dim(int head_dim, const Params& p, int max_seqlen, cudaStream_t stream) {
+  switch (head_dim) {
+    case 32: dispatch_window<Op, T, 32>(p, max_seqlen, stream); break;
+    case 64: dispatch_window<Op, T, 64>(p, max_seqlen, stream); break;
+    default: dispatch_window<Op, T, 128>(p, max_seqlen, stream); break;
+  }
+}
 template <typename Op>
 void dispatch(int dtype, int head_dim, const Params& p, int max_seqlen, cudaStream_t stream) {
-  const bool bf = dtype == kBF16;
-  switch (head_dim) {
-    case 32: bf ? Op::template run<__nv_bfloat16, 32>(p, max_seqlen, stream) : Op::template run<__half, 32>(p, max_seqlen, stream); break;
-    case 64: bf ? Op::template run<__nv_bfloat16, 64>(p, max_seqlen, stream) : Op::template run<__half, 64>(p, max_seqlen, stream); break;
-    default: bf ? Op::template run<__nv_bfloat16, 128>(p, max_seqlen, stream) : Op::template run<__half, 128>(p, max_seqlen, stream); break;
-  }
+  dtype == kBF16 ? dispatch_dim<Op, __nv_bfloat16>(head_dim, p, max_seqlen, stream)
+                 : dispatch_dim<Op, __half>(head_dim, p, max_seqlen, stream);
 }
 
 }  // namespace attn
@@ -601,32 +685,39 @@ void dispatch(int dtype, int head_dim, const Params& p, int max_seqlen, cudaStre
 // Forward. q, k, v: [T, H, D] (unit stride over D, token / head strides as given, in elements);
 // out: contiguous [T, H, D] of the same dtype; lse: [H, T] fp32; cu_seqlens: [batch + 1] int32;
 // alibi_slopes: [batch, heads] fp32 or nullptr. dtype: fb::kF16 or fb::kBF16; head_dim 32, 64 or 128.
+// window_left / window_right: flash-attn's window_size (-1: unbounded). visits: nullptr, or (tests) an
+// int32 [heads, batch, blocks] buffer of zeros that receives the tiles each block visited.
 void launch_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, int64_t q_stride_t,
                            int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
                            int64_t v_stride_h, void* out, float* lse, const int32_t* cu_seqlens,
                            const float* alibi_slopes, int batch, int heads, int head_dim, int64_t total_tokens,
-                           int max_seqlen, float softmax_scale, cudaStream_t stream) {
-  attn::check_common(dtype, head_dim, batch, heads, max_seqlen);
+                           int max_seqlen, float softmax_scale, int window_left, int window_right,
+                           int32_t* visits, cudaStream_t stream) {
+  attn::check_common(dtype, head_dim, batch, heads, max_seqlen, window_left, window_right);
   if (batch == 0 || max_seqlen == 0 || total_tokens == 0) return;
   attn::Params p = attn::make_params(q, k, v, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                                     nullptr, cu_seqlens, alibi_slopes, batch, heads, total_tokens, softmax_scale);
+                                     nullptr, cu_seqlens, alibi_slopes, batch, heads, total_tokens, softmax_scale,
+                                     window_left, window_right, visits);
   p.out = out, p.lse = lse;
   attn::dispatch<attn::Fwd>(dtype, head_dim, p, max_seqlen, stream);
 }
 
-// Backward. dout, out, dq, dk, dv: contiguous [T, H, D]; q, k, v strided as in the forward; lse: [H, T]
-// fp32 from the forward; delta: an [H, T] fp32 workspace (written here, rowsum(dout * out)).
+// Backward. dout, dq, dk, dv: contiguous [T, H, D]; q, k, v strided as in the forward; lse: [H, T] fp32
+// from the forward; delta: an [H, T] fp32 workspace (written here: sum_j P dP / sum_j P per row). The
+// forward's output is not read (delta comes from P and dP). visits: nullptr, or an int32 buffer of
+// 2 * heads * batch * blocks zeros (dq kernel's counts, then dkdv's).
 void launch_flash_attn_bwd(int dtype, const void* dout, const void* q, const void* k, const void* v,
                            int64_t q_stride_t, int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h,
-                           int64_t v_stride_t, int64_t v_stride_h, const void* out, const float* lse, void* dq,
-                           void* dk, void* dv, float* delta, const int32_t* cu_seqlens, const float* alibi_slopes,
-                           int batch, int heads, int head_dim, int64_t total_tokens, int max_seqlen,
-                           float softmax_scale, cudaStream_t stream) {
-  attn::check_common(dtype, head_dim, batch, heads, max_seqlen);
+                           int64_t v_stride_t, int64_t v_stride_h, const float* lse, void* dq, void* dk, void* dv,
+                           float* delta, const int32_t* cu_seqlens, const float* alibi_slopes, int batch,
+                           int heads, int head_dim, int64_t total_tokens, int max_seqlen, float softmax_scale,
+                           int window_left, int window_right, int32_t* visits, cudaStream_t stream) {
+  attn::check_common(dtype, head_dim, batch, heads, max_seqlen, window_left, window_right);
   if (batch == 0 || max_seqlen == 0 || total_tokens == 0) return;
   attn::Params p = attn::make_params(q, k, v, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                                     dout, cu_seqlens, alibi_slopes, batch, heads, total_tokens, softmax_scale);
-  p.out = out, p.dout = dout, p.dq = dq, p.dk = dk, p.dv = dv;
+                                     dout, cu_seqlens, alibi_slopes, batch, heads, total_tokens, softmax_scale,
+                                     window_left, window_right, visits);
+  p.dout = dout, p.dq = dq, p.dk = dk, p.dv = dv;
   p.lse = const_cast<float*>(lse), p.delta = delta;
   attn::dispatch<attn::Bwd>(dtype, head_dim, p, max_seqlen, stream);
 }

@@ -33,6 +33,16 @@ const char* guarded(F&& f) {
 #define FBH_API extern "C" __attribute__((visibility("default")))
 
 FBH_API void fbh_reload_config() { emu::reload_config(); }
+// Guard zones for the checking build (n >= 0 sets them, n = 0 clears); returns whether this is a checking build.
+FBH_API int fbh_memcheck_set(const uint64_t* lo_hi, const int* after, const char* const* what, int n) {
+#ifdef FB_EMU_CHECK
+  if (n >= 0) emu::check::set_guards(lo_hi, after, what, n);
+  return 1;
+#else
+  (void)lo_hi, (void)after, (void)what, (void)n;
+  return 0;
+#endif
+}
 FBH_API int fbh_pointwise_partials(int64_t M) { return fb::pointwise_partials(M); }
 FBH_API int fbh_layer_norm_max_n() { return fb::layer_norm_max_n(); }
 FBH_API int fbh_layer_norm_bwd_num_partials(int M, int N) { return fb::layer_norm_bwd_num_partials(M, N); }
@@ -79,19 +89,22 @@ FBH_API const char* fbh_cross_entropy_rows(int dtype, void* logits, const int64_
 FBH_API const char* fbh_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, int64_t q_st,
                                        int64_t q_sh, int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh, void* out,
                                        float* lse, const int32_t* cu_seqlens, const float* slopes, int batch,
-                                       int heads, int head_dim, int64_t total, int max_seqlen, float scale) {
+                                       int heads, int head_dim, int64_t total, int max_seqlen, float scale,
+                                       int win_left, int win_right, int32_t* visits) {
   return guarded([&] {
     fb::launch_flash_attn_fwd(dtype, q, k, v, q_st, q_sh, k_st, k_sh, v_st, v_sh, out, lse, cu_seqlens, slopes, batch,
-                              heads, head_dim, total, max_seqlen, scale, nullptr);
+                              heads, head_dim, total, max_seqlen, scale, win_left, win_right, visits, nullptr);
   });
 }
 FBH_API const char* fbh_flash_attn_bwd(int dtype, const void* dout, const void* q, const void* k, const void* v,
                                        int64_t q_st, int64_t q_sh, int64_t k_st, int64_t k_sh, int64_t v_st,
-                                       int64_t v_sh, const void* out, const float* lse, void* dq, void* dk, void* dv,
-                                       float* delta, const int32_t* cu_seqlens, const float* slopes, int batch,
-                                       int heads, int head_dim, int64_t total, int max_seqlen, float scale) {
+                                       int64_t v_sh, const float* lse, void* dq, void* dk, void* dv, float* delta,
+                                       const int32_t* cu_seqlens, const float* slopes, int batch, int heads,
+                                       int head_dim, int64_t total, int max_seqlen, float scale, int win_left,
+                                       int win_right, int32_t* visits) {
   return guarded([&] {
-    fb::launch_flash_attn_bwd(dtype, dout, q, k, v, q_st, q_sh, k_st, k_sh, v_st, v_sh, out, lse, dq, dk, dv, delta,
-                              cu_seqlens, slopes, batch, heads, head_dim, total, max_seqlen, scale, nullptr);
+    fb::launch_flash_attn_bwd(dtype, dout, q, k, v, q_st, q_sh, k_st, k_sh, v_st, v_sh, lse, dq, dk, dv, delta,
+                              cu_seqlens, slopes, batch, heads, head_dim, total, max_seqlen, scale, win_left,
+                              win_right, visits, nullptr);
   });
 }

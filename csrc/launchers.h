@@ -44,17 +44,21 @@ void launch_cross_entropy_rows(int dtype, void* logits, const int64_t* targets, 
 // flash_attn.cu (dtype kF16 / kBF16 only; head_dim 32, 64 or 128). q, k, v: [T, H, D] with unit stride over
 // D and the given token / head strides (elements); out, dout, dq, dk, dv: contiguous [T, H, D]; lse, delta:
 // [H, T] fp32 (delta: workspace of the backward); cu_seqlens [batch + 1] int32; alibi_slopes [batch, heads]
-// fp32 or nullptr. Throws std::invalid_argument for an unsupported dtype / head dim.
+// fp32 or nullptr; window_left / window_right: flash-attn's window_size (-1: unbounded on that side);
+// visits: nullptr, or (tests) a zeroed int32 buffer receiving the tiles each block visited ([heads, batch,
+// blocks] for the forward, twice that for the backward: dq kernel then dkdv kernel). Throws
+// std::invalid_argument for an unsupported dtype / head dim / window.
 void launch_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, int64_t q_stride_t,
                            int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
                            int64_t v_stride_h, void* out, float* lse, const int32_t* cu_seqlens,
                            const float* alibi_slopes, int batch, int heads, int head_dim, int64_t total_tokens,
-                           int max_seqlen, float softmax_scale, cudaStream_t stream);
+                           int max_seqlen, float softmax_scale, int window_left, int window_right,
+                           int32_t* visits, cudaStream_t stream);
 void launch_flash_attn_bwd(int dtype, const void* dout, const void* q, const void* k, const void* v,
                            int64_t q_stride_t, int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h,
-                           int64_t v_stride_t, int64_t v_stride_h, const void* out, const float* lse, void* dq,
-                           void* dk, void* dv, float* delta, const int32_t* cu_seqlens, const float* alibi_slopes,
-                           int batch, int heads, int head_dim, int64_t total_tokens, int max_seqlen,
-                           float softmax_scale, cudaStream_t stream);
+                           int64_t v_stride_t, int64_t v_stride_h, const float* lse, void* dq, void* dk, void* dv,
+                           float* delta, const int32_t* cu_seqlens, const float* alibi_slopes, int batch,
+                           int heads, int head_dim, int64_t total_tokens, int max_seqlen, float softmax_scale,
+                           int window_left, int window_right, int32_t* visits, cudaStream_t stream);
 
 }  // namespace fb

@@ -138,7 +138,7 @@ inline void require_full_warp(const char* what) {
 }  // namespace mma_detail
 
 template <typename Tag>
-inline void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+FB_EMU_UNCHECKED inline void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const int lane = (int)(threadIdx.x & 31);
   mma_detail::require_full_warp("mma_m16n8k16");
   // Each lane publishes its 6 input registers; after the warp barrier every lane can see the whole warp.
@@ -147,7 +147,7 @@ inline void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t
   const uint64_t mine[3] = {a[0] | (uint64_t)a[1] << 32, a[2] | (uint64_t)a[3] << 32, b[0] | (uint64_t)b[1] << 32};
   uint32_t all[32][6];
   for (int x = 0; x < 3; ++x) {
-    const uint64_t* slots = ::emu::warp_exchange(mine[x]);
+    const uint64_t* slots = ::emu::warp_exchange(mine[x], /*orders=*/false);  // no memory involved
     for (int l = 0; l < 32; ++l) {
       all[l][2 * x] = (uint32_t)slots[l];
       all[l][2 * x + 1] = (uint32_t)(slots[l] >> 32);
@@ -173,7 +173,9 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   const int lane = (int)(threadIdx.x & 31);
   mma_detail::require_full_warp("ldmatrix_x4");
   if (reinterpret_cast<uintptr_t>(smem_row) % 16 != 0) ::emu::fail("ldmatrix_x4: row address not 16-byte aligned");
-  const uint64_t* slots = ::emu::warp_exchange((uint64_t)reinterpret_cast<uintptr_t>(smem_row));
+  // The row-address exchange is the emulation's, not a memory barrier: the race check still wants a
+  // __syncthreads / __syncwarp between the tile's stores and these reads.
+  const uint64_t* slots = ::emu::warp_exchange((uint64_t)reinterpret_cast<uintptr_t>(smem_row), /*orders=*/false);
   const unsigned char* rows[32];
   for (int l = 0; l < 32; ++l) rows[l] = reinterpret_cast<const unsigned char*>((uintptr_t)slots[l]);
   const int g = lane >> 2, t = lane & 3;

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss
+from fastbert.reference import check_window_size
 from fastbert.reference import index_gather_fwd, index_scatter_fwd  # noqa: F401 - already index_select / index_copy_
 
 Tensor = torch.Tensor
@@ -64,7 +65,8 @@ def _lengths(cu_seqlens: Tensor) -> List[int]:
     return [e - s for s, e in zip(cu[:-1], cu[1:])]
 
 
-def _masks(alibi_slopes: Optional[Tensor], window_size, S: int) -> Callable[[int, int], Optional[Tensor]]:
+def _masks(alibi_slopes: Optional[Tensor], window_size: Tuple[int, int],
+           S: int) -> Callable[[int, int], Optional[Tensor]]:
     """``mask(b, n)`` -> the additive fp32 ``attn_mask`` ``[1, H or 1, n, n]`` of sequence ``b`` (``n``
     tokens), or None when there is neither ALiBi nor a window.
 
@@ -72,7 +74,7 @@ def _masks(alibi_slopes: Optional[Tensor], window_size, S: int) -> Callable[[int
     every sequence as its top-left ``n x n`` block (a strided view, which the kernel reads as such);
     slopes that differ between sequences (``[B, H]`` with distinct rows) get one tensor per sequence.
     """
-    left, right = (int(w) for w in window_size)
+    left, right = window_size
     if alibi_slopes is None and left < 0 and right < 0:
         return lambda b, n: None
 
@@ -120,11 +122,12 @@ def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_s
     ``torch.compile``, unchecked) value cannot change the result.
     """
     T, H, D = q.shape
+    window = check_window_size(window_size)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     lens = _lengths(cu_seqlens)
     if T == 0:
         return torch.empty((0, H, D), dtype=q.dtype), torch.empty((H, 0), dtype=torch.float32)
-    mask = _masks(alibi_slopes, window_size, max(lens))
+    mask = _masks(alibi_slopes, window, max(lens))
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     outs, lses = [], []
     for b, (qb, kb, vb) in enumerate(zip(*(_per_sequence(t, lens) for t in (q, k, v)))):
@@ -141,11 +144,12 @@ def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes
                    window_size=(-1, -1)):
     """Primitive (see ``fastbert.reference.flash_attn_bwd``): ``(dq, dk, dv)``, each ``[T, H, D]`` q.dtype."""
     T, H, D = q.shape
+    window = check_window_size(window_size)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     lens = _lengths(cu_seqlens)
     if T == 0:
         return tuple(torch.empty((0, H, D), dtype=q.dtype) for _ in range(3))
-    mask = _masks(alibi_slopes, window_size, max(lens))
+    mask = _masks(alibi_slopes, window, max(lens))
     lse_b = torch.split(lse.unsqueeze(0), lens, dim=2)
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     grads = ([], [], [])

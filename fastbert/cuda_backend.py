@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from fastbert._cuda_common import unsupported  # noqa: F401 - the backend's unsupported(), shared with cuda_host
+from fastbert.reference import check_window_size
 
 
 def _C():
@@ -81,16 +82,19 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
 
 
 # ---- attention (csrc/flash_attn.cu: tensor-core mma.sync, bf16/fp16 only) ---------------------------
-def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1)):
+    left, right = check_window_size(window_size)
     if q.shape[0] == 0:  # no tokens (also no sequences: the binding wants batch >= 1)
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], 0),
                                                                                        dtype=torch.float32)
     return tuple(_C().flash_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen), alibi_slopes,
-                                     None if softmax_scale is None else float(softmax_scale)))
+                                     None if softmax_scale is None else float(softmax_scale), left, right))
 
 
-def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None,
+                   window_size=(-1, -1)):
+    left, right = check_window_size(window_size)
     if q.shape[0] == 0:
         return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
     return tuple(_C().flash_attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, int(max_seqlen), alibi_slopes,
-                                     None if softmax_scale is None else float(softmax_scale)))
+                                     None if softmax_scale is None else float(softmax_scale), left, right))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbert import ops as _ops  # attribute lookups at call time: the ops table may be swapped in tests
+from fastbert import reference as _ref
 
 _APPROX = ("none", "tanh")
 
@@ -146,6 +147,8 @@ class AlibiSelfAttention(nn.Module):
     ``query``/``key``/``value`` weights concatenated in that order), ``out_proj = Linear(H, H)``. The ALiBi
     slopes are a non-persistent fp32 buffer ``[heads]`` (sized by heads, never by length, so a model
     trained at 128 tokens runs at any length); ``alibi=False`` gives plain softmax attention.
+    ``window_size=(left, right)`` makes it local attention (query i sees keys ``i - left .. i + right``;
+    -1: unbounded; flash-attn's convention), ``(-1, -1)`` (default) global.
 
     Two entry points:
       * ``forward(x [T, H], cu_seqlens [B+1] int32, max_seqlen)`` -> ``[T, H]``: unpadded, through
@@ -157,10 +160,11 @@ class AlibiSelfAttention(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, alibi: bool = True, attention_dropout: float = 0.0,
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None, window_size=(-1, -1)):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.window_size = _ref.check_window_size(window_size)
         kw = dict(device=device, dtype=dtype)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -185,7 +189,7 @@ class AlibiSelfAttention(nn.Module):
         T = x.shape[0]
         qkv = self.Wqkv(x).view(T, 3, self.num_heads, self.head_dim)
         out = _ops.flash_attn_varlen_alibi(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, max_seqlen,
-                                           alibi_slopes=self._slopes())
+                                           alibi_slopes=self._slopes(), window_size=self.window_size)
         return self.out_proj(out.reshape(T, self.hidden_size))
 
     def forward_padded(self, x: Tensor, attention_mask: Tensor) -> Tensor:
@@ -205,13 +209,17 @@ class AlibiSelfAttention(nn.Module):
             pos = torch.arange(S, device=x.device, dtype=torch.float32)
             dist = (pos[:, None] - pos[None, :]).abs()
             bias = (bias + (-slopes[:, None, None] * dist).to(q.dtype)).clamp_min(neg)  # [B, heads, S, S]
+        band = _ref.window_mask(self.window_size, S, x.device)  # [S, S] or None
+        if band is not None:
+            bias = bias.masked_fill(~band, neg)
         p = self.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, self.hidden_size))
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
-                f"alibi={self.alibi_slopes is not None}, attention_dropout={self.attention_dropout}")
+                f"alibi={self.alibi_slopes is not None}, attention_dropout={self.attention_dropout}, "
+                f"window_size={self.window_size}")
 
 
 class SparseMLMLoss(nn.Module):

@@ -144,9 +144,73 @@ def _alibi_bias(slopes: Optional[Tensor], B: int, H: int, S: int, device, dtype)
     return -s[:, :, None, None] * dist
 
 
+def check_window_size(window_size) -> Tuple[int, int]:
+    """``window_size`` as a ``(left, right)`` pair of Python ints, each -1 (unbounded) or >= 0.
+
+    Raises ``TypeError`` for anything but a pair of ints (bools refused) and ``ValueError`` for a value
+    below -1. Shared by the ops layer and every backend's primitives, so they agree on what is valid.
+    """
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if not isinstance(w, int) or isinstance(w, bool):
+            raise TypeError(f"window_size: expected ints, got {side} = {w!r} ({type(w).__name__})")
+        if w < -1:
+            raise ValueError(f"window_size: expected {side} >= 0, or -1 for no limit on that side, got {w}")
+    return int(window_size[0]), int(window_size[1])
+
+
+WINDOW_UNBOUNDED = 1 << 30  # what the kernels get for -1: farther than any sequence, no int32 overflow
+
+
+def kernel_window(window_size) -> Tuple[bool, int, int]:
+    """``(has_window, left, right)`` as the Triton and CUDA kernels take it: -1 (and anything larger than
+    ``WINDOW_UNBOUNDED``) becomes ``WINDOW_UNBOUNDED``, so the kernels' masks need no special case;
+    ``has_window`` is False only for ``(-1, -1)``, which runs the global kernels unchanged."""
+    left, right = check_window_size(window_size)
+    has = left >= 0 or right >= 0
+    clamp = lambda w: WINDOW_UNBOUNDED if w < 0 else min(w, WINDOW_UNBOUNDED)  # noqa: E731
+    return has, clamp(left), clamp(right)
+
+
+def window_mask(window_size, S: int, device) -> Optional[Tensor]:
+    """``[S, S]`` bool, True where query position i may attend key position j (None: no window)."""
+    left, right = check_window_size(window_size)
+    if left < 0 and right < 0:
+        return None
+    ar = torch.arange(S, device=device)
+    rel = ar[None, :] - ar[:, None]  # j - i
+    keep = torch.ones((S, S), dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= rel >= -left
+    if right >= 0:
+        keep &= rel <= right
+    return keep
+
+
+def _masked_scores(q, k, cu_seqlens, max_seqlen, alibi_slopes, scale, window_size, acc):
+    """Padded ``[B, H, S, S]`` scores (acc dtype): ``q.k * scale - slope * |i - j|``, -inf at padded keys and
+    at keys outside the window; plus the packing indices and the padding helper."""
+    T, H, D = q.shape
+    b, pos, valid, B, S = _padded_positions(cu_seqlens, max_seqlen)
+
+    def pad(x):  # [T, H, D] -> [B, H, S, D]
+        out = x.new_zeros((B, S, H, D), dtype=acc)
+        out[b, pos] = x.to(acc)
+        return out.permute(0, 2, 1, 3)
+
+    scores = torch.matmul(pad(q), pad(k).transpose(-1, -2)) * scale
+    scores = scores + _alibi_bias(alibi_slopes, B, H, S, q.device, acc)
+    keep = valid[:, None, None, :]
+    window = window_mask(window_size, S, q.device)
+    if window is not None:
+        keep = keep & window
+    return scores.masked_fill(~keep, float("-inf")), pad, b, pos, B, S
+
+
 def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                             alibi_slopes: Optional[Tensor] = None,
-                            softmax_scale: Optional[float] = None) -> Tensor:
+                            softmax_scale: Optional[float] = None, window_size=(-1, -1)) -> Tensor:
     """Bidirectional ALiBi attention over a packed batch of variable-length sequences.
 
     Args:
@@ -157,67 +221,68 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
         max_seqlen: at least the longest sequence.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``, or None for plain attention.
         softmax_scale: defaults to ``1/sqrt(D)``.
+        window_size: ``(left, right)``: query i attends only keys j with ``i - left <= j <= i + right``
+            (local attention, flash-attn's convention); -1 leaves that side unbounded. The default
+            ``(-1, -1)`` is global attention. Every row keeps at least its own key (j = i).
     Returns:
         ``[T, H, D]`` in ``q.dtype``: ``softmax_j(q_i . k_j * scale - slope_h * |i - j|) v_j`` with
-        ``j`` ranging over the same sequence only.
+        ``j`` ranging over the same sequence (and the window) only.
     """
-    return flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, _grad=True)[0]
+    return flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, window_size, _grad=True)[0]
 
 
-def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, _grad=False):
+def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1),
+                   *, _grad=False):
     """Primitive. Returns ``(out [T, H, D] q.dtype, lse [H, T] fp32)``, lse the natural log-sum-exp of
-    each query row's scaled, biased scores. ``alibi_slopes`` is ``[B, H]`` fp32 or ``[H]`` or None.
+    each query row's scaled, biased scores. ``alibi_slopes`` is ``[B, H]`` fp32 or ``[H]`` or None;
+    ``window_size`` as in ``flash_attn_varlen_alibi``.
 
-    Computed on a padded ``[B, H, S, S]`` score tensor with a materialised ALiBi bias: the slow,
-    obviously-correct form.
+    Computed on a padded ``[B, H, S, S]`` score tensor with a materialised ALiBi bias and window mask:
+    the slow, obviously-correct form. A row whose scores are all -inf (only reachable when the ALiBi bias
+    overflows to -inf everywhere) gets ``out = 0`` and ``lse = -inf``.
     """
     T, H, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     acc = _acc(q.dtype)
-    b, pos, valid, B, S = _padded_positions(cu_seqlens, max_seqlen)
-
-    def pad(x):  # [T, H, D] -> [B, H, S, D]
-        out = x.new_zeros((B, S, H, D), dtype=acc)
-        out[b, pos] = x.to(acc)
-        return out.permute(0, 2, 1, 3)
-
     with torch.set_grad_enabled(_grad and torch.is_grad_enabled()):
-        qp, kp, vp = pad(q), pad(k), pad(v)
-        scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale
-        scores = scores + _alibi_bias(alibi_slopes, B, H, S, q.device, acc)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        scores, pad, b, pos, B, S = _masked_scores(q, k, cu_seqlens, max_seqlen, alibi_slopes, scale,
+                                                   window_size, acc)
         lse = torch.logsumexp(scores, dim=-1)  # [B, H, S]
         p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # padded query rows have lse=-inf
-        out = torch.matmul(p, vp).permute(0, 2, 1, 3)[b, pos]  # [T, H, D]
+        out = torch.matmul(p, pad(v)).permute(0, 2, 1, 3)[b, pos]  # [T, H, D]
         lse_packed = lse.permute(0, 2, 1)[b, pos].transpose(0, 1)  # [H, T]
     return out.to(q.dtype), lse_packed.float().contiguous()
 
 
-def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None):
+def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes=None, softmax_scale=None,
+                   window_size=(-1, -1)):
     """Primitive. Gradients of ``flash_attn_fwd``: returns ``(dq, dk, dv)``, each ``[T, H, D]`` in q.dtype.
 
-    Recomputes ``P = exp(S - lse)`` and uses ``dS = P * (dP - rowsum(dO * O))`` (FlashAttention-2).
+    Recomputes ``P = exp(S - lse)`` and uses ``dS = P * (dP - delta)`` (FlashAttention-2) with
+    ``delta_i = sum_j P_ij dP_ij / sum_j P_ij``. FlashAttention-2 forms delta as ``rowsum(dO * O)``
+    instead: equal in exact arithmetic, but ``O`` arrives rounded to the input dtype, and when the softmax
+    is nearly one-hot ``dP_ij - delta_i`` is a small difference of large terms, so the rounding of ``O``
+    becomes the whole error (fp16, 2 tokens, q x5, k/v x3, slope 0.25: dK off by 2.5e-2 where PyTorch's
+    fp16 attention is off by 6.6e-4; from P and dP it is 2.4e-5). Forming delta from the same P and dP
+    that form dS keeps ``sum_j dS_ij = 0`` (the softmax's shift invariance) to fp32 rounding; dividing
+    by ``sum_j P_ij`` (1 in exact arithmetic) cancels the rounding of the fp32 ``lse`` that P carries.
+    ``out`` is not read (kept for flash-attn's signature). Rows with ``lse = -inf`` (all scores -inf) get
+    zero gradient.
     """
     T, H, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     acc = _acc(q.dtype)
-    b, pos, valid, B, S = _padded_positions(cu_seqlens, max_seqlen)
-
-    def pad(x):
-        o = x.new_zeros((B, S, H, D), dtype=acc)
-        o[b, pos] = x.to(acc)
-        return o.permute(0, 2, 1, 3)
-
-    qp, kp, vp, op, dop = pad(q), pad(k), pad(v), pad(out), pad(dout)
+    scores, pad, b, pos, B, S = _masked_scores(q, k, cu_seqlens, max_seqlen, alibi_slopes, scale, window_size, acc)
     lse_p = torch.full((B, S, H), float("inf"), dtype=acc, device=q.device)
     lse_p[b, pos] = lse.transpose(0, 1).to(acc)
     lse_p = lse_p.permute(0, 2, 1)  # [B, H, S]
-    scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale + _alibi_bias(alibi_slopes, B, H, S, q.device, acc)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse_p = lse_p.masked_fill(lse_p == float("-inf"), float("inf"))  # all -inf rows: P = 0, not nan
     p = torch.exp(scores - lse_p[..., None])  # padded query rows: exp(-inf) = 0
-    delta = (dop * op).sum(-1)  # [B, H, S]
-    dv = torch.matmul(p.transpose(-1, -2), dop)
+    qp, kp, vp, dop = pad(q), pad(k), pad(v), pad(dout)
     dp = torch.matmul(dop, vp.transpose(-1, -2))
+    psum = p.sum(-1)  # 1 up to the rounding of the fp32 lse; dividing by it cancels that rounding
+    delta = torch.where(psum > 0, (p * dp).sum(-1) / psum.clamp_min(1e-30), 0.0)  # [B, H, S]
+    dv = torch.matmul(p.transpose(-1, -2), dop)
     ds = p * (dp - delta[..., None])
     dq = torch.matmul(ds, kp) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qp) * scale

@@ -41,6 +41,16 @@ def _case_attention(dev, dtype):
             lambda a, b, c: R.flash_attn_varlen_alibi(a, b, c, cu, max(seqlens), slopes))
 
 
+def _case_attention_window(dev, dtype):
+    """Local attention: a window smaller than the kernels' blocks, asymmetric, over several blocks."""
+    seqlens = [1, 0, 150]
+    cu = torch.tensor([0] + torch.tensor(seqlens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(sum(seqlens), 2, 64, device=dev).to(dtype) for _ in range(3))
+    slopes, w = R.alibi_slopes(2).to(dev), (9, 30)
+    return ((q, k, v), lambda a, b, c: O.flash_attn_varlen_alibi(a, b, c, cu, 150, slopes, window_size=w),
+            lambda a, b, c: R.flash_attn_varlen_alibi(a, b, c, cu, 150, slopes, window_size=w))
+
+
 def _case_layer_norm(dev, dtype):
     x, r = (torch.randn(37, 1000, device=dev).to(dtype) for _ in range(2))
     w, b = torch.randn(1000, device=dev), torch.randn(1000, device=dev)
@@ -80,8 +90,9 @@ def _case_mlm_loss(dev, dtype):
     return (h, W), lambda a, c: O.sparse_mlm_loss(a, labels, c), lambda a, c: R.sparse_mlm_loss(a, labels, c)
 
 
-CASES = {"attention": _case_attention, "layer_norm": _case_layer_norm, "bias_gelu": _case_bias_gelu,
-         "geglu": _case_geglu, "padding": _case_padding, "mlm_loss": _case_mlm_loss}
+CASES = {"attention": _case_attention, "attention_window": _case_attention_window, "layer_norm": _case_layer_norm,
+         "bias_gelu": _case_bias_gelu, "geglu": _case_geglu, "padding": _case_padding, "mlm_loss": _case_mlm_loss}
+FAMILY = {"attention_window": "attention"}  # cases that exercise an option of another family's op
 
 
 def check(family: str, backend: str, dev: str, dtype: torch.dtype):
@@ -90,7 +101,7 @@ def check(family: str, backend: str, dev: str, dtype: torch.dtype):
     a = _leaves(*inputs)
     t0 = time.perf_counter()
     try:
-        with fastbert.use_backend(**{family: backend}):
+        with fastbert.use_backend(**{FAMILY.get(family, family): backend}):
             out = fast(*a)
             grad_out = torch.randn_like(out.float()).to(out.dtype) if out.dim() else torch.ones_like(out)
             grads = torch.autograd.grad(out, [t for t in a if t.requires_grad], grad_out)

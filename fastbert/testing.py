@@ -150,3 +150,30 @@ def patch_triton_interpreter_bf16_dot() -> bool:
     builder.create_dot = create_dot
     builder._fastbert_bf16_dot = True
     return True
+
+
+class VisitLog:
+    """The test hook behind the attention backends' ``record_visits()``: while ``record()`` is active,
+    ``log`` is a dict the launchers fill with per-program counts of the blocks their kernel loops visited
+    (``{"fwd" | "dq" | "dkdv": int32 tensor}``); otherwise ``log`` is None and launches count nothing."""
+
+    def __init__(self):
+        self.log: Optional[dict] = None
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[dict]:
+        outer, self.log = self.log, {}
+        try:
+            yield self.log
+        finally:
+            self.log = outer
+
+
+def patch_triton_interpreter_address_check() -> bool:
+    """TEST-ONLY: every interpreted ``tl.load``/``tl.store``/atomic checks the addresses of its unmasked
+    lanes against the tensor arguments of the launch and raises ``fastbert.memcheck.OutOfBounds`` (naming
+    the kernel line, the argument and the distance) outside them, readable memory or not. Returns whether
+    the patch was applied. Implementation: :func:`fastbert.memcheck.patch_triton_interpreter`."""
+    from fastbert.memcheck import patch_triton_interpreter
+
+    return patch_triton_interpreter()

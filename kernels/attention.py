@@ -1,15 +1,17 @@
-"""Triton ALiBi flash attention over unpadded variable-length batches (the ``attention`` family).
+"""Triton ALiBi flash attention over unpadded variable-length batches, global or local (sliding window)
+(the ``attention`` family).
 
 Primitives (signatures and semantics: the same-named functions in ``fastbert/reference.py``):
 
-* ``flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale) -> (out, lse)``
-* ``flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+* ``flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, window_size) -> (out, lse)``
+* ``flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, window_size)
   -> (dq, dk, dv)``
 
 q, k, v are ``[T, H, D]`` packed tokens (last-dim stride 1, any token/head strides: a fused-QKV view of a
 ``[T, 3, H, D]`` buffer is read in place), ``cu_seqlens`` int32 ``[B+1]``, ``alibi_slopes`` fp32 ``[B, H]``
-contiguous or None. Score ``s_ij = q_i . k_j * scale - slope * |i - j|`` for positions i, j of the same
-sequence; bidirectional; never across sequences.
+contiguous or None, ``window_size = (left, right)`` (-1: unbounded). Score ``s_ij = q_i . k_j * scale -
+slope * |i - j|`` for positions i, j of the same sequence with ``i - left <= j <= i + right``;
+bidirectional; never across sequences.
 
 Forward (FlashAttention-2): one program per (query block, sequence, head). The query block stays in
 registers while the program streams the K/V blocks *of its own sequence only* (no padding, no work on
@@ -19,21 +21,31 @@ is computed from the two position vectors in registers and never materialised. P
 starts past the end of their sequence exit at once (the grid is sized for ``max_seqlen``). It saves the
 natural-log ``lse`` ``[H, T]`` fp32 for the backward.
 
+Local attention is a compile-time switch (``HAS_WINDOW``; ``(-1, -1)`` compiles the global kernels with
+no window code). With it, every loop takes its bounds from ``_reach``: key (or query) blocks wholly
+outside the window of all the program's rows are never visited, so the work per row is proportional to
+the window, not the sequence; blocks cut by the window's edge are masked inside. Such a block can hold
+no finite score for some rows (as can any block when the ALiBi bias overflows to -inf): the online
+softmax then subtracts 0 instead of a -inf running max, so no nan appears.
+
 Backward: two kernels, no atomics.
 
-1. ``_attn_bwd_dq_kernel``, one program per query block: computes ``delta = rowsum(dO * O)`` for its rows
-   (stored, fp32 ``[H, T]``: the "preprocess" fused into this pass, which reads dO and the query block
-   anyway), then loops over the key blocks of the sequence recomputing ``P = exp2(S - lse)`` and
-   accumulating ``dQ = dS K`` in registers.
-2. ``_attn_bwd_dkdv_kernel``, one program per key block: loops over the query blocks of the sequence,
+1. ``_attn_bwd_dq_kernel``, one program per query block, two loops over the key blocks it can see: the
+   first forms ``delta_i = sum_j P_ij dP_ij / sum_j P_ij`` for its rows (stored, fp32 ``[H, T]``, for the
+   next kernel), the second recomputes ``P = exp2(S - lse)`` and accumulates ``dQ = dS K`` in registers.
+   FlashAttention-2 forms delta as ``rowsum(dO * O)`` from the output rounded to fp16/bf16 at no matmul
+   cost; that rounding becomes the whole gradient error when the softmax is nearly one-hot
+   (``fastbert.reference.flash_attn_bwd`` has the measurement), so delta is computed from the same P and
+   dP that form dS, for 2 extra block matmuls per block pair (9 instead of 7 in the backward).
+2. ``_attn_bwd_dkdv_kernel``, one program per key block: loops over the query blocks that can see it,
    recomputing ``P^T`` and accumulating ``dV = P^T dO`` and ``dK = dS^T Q``.
 
 Why a separate dQ pass rather than atomics into dQ from the key-block kernel: the result is
 deterministic (bitwise reproducible run to run, which matters for debugging training runs and for tests),
 needs no fp32 dQ scratch buffer plus a conversion kernel, and no atomic traffic: with atomics every key
 block of a sequence adds into the same ``[BLOCK_M, D]`` rows of an fp32 dQ, and the summation order (so
-the bits) changes run to run. The price is recomputing ``Q K^T`` and ``dO V^T`` in the dQ pass: 7 block
-matmuls per (query block, key block) pair instead of 5. No gradient for the slopes.
+the bits) changes run to run. The price is recomputing ``Q K^T`` and ``dO V^T`` in the dQ pass. No
+gradient for the slopes.
 
 Tensor cores run on the input dtype (bf16/fp16 operands, fp32 accumulation); fp32 inputs use IEEE fp32
 dots (not TF32) so that fp32 results match the fp32 reference. Under ``TRITON_INTERPRET=1`` (CPU tests)
@@ -51,12 +63,16 @@ table). Head dims 16, 32, 64, 128; others are reported by ``unsupported`` so ``a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from fastbert import reference as _ref
+from fastbert.testing import VisitLog
 
 from ._common import GRID_YZ_MAX, spec
 
@@ -94,13 +110,35 @@ def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _reach(first, last, seqlen, before, after, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``[lo, hi)``: the positions of the other axis that the rows ``first..last`` of this program can see,
+    ``lo`` rounded down to a multiple of ``BLOCK`` (the loop's block size). A row at position x sees
+    ``x - before .. x + after``. Every loop over key (or query) blocks takes its bounds from here, so
+    blocks wholly outside the window are never visited; without a window it is the whole sequence."""
+    if HAS_WINDOW:
+        lo = tl.maximum(first - before, 0) // BLOCK * BLOCK
+        hi = tl.minimum(last + after + 1, seqlen)
+    else:
+        lo = 0
+        hi = seqlen
+    return lo, hi
+
+
+@triton.jit
+def _in_window(rows, cols, before, after):
+    """``[R, C]`` bool: column position within ``[row - before, row + after]``."""
+    rel = cols[None, :] - rows[:, None]
+    return (rel >= -before) & (rel <= after)
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqlens, Slopes,
+    Q, K, V, Out, Lse, CuSeqlens, Slopes, Visits,
     qk_scale,  # softmax_scale * log2(e), fp32
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_lse_h, n_heads,
-    HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    stride_lse_h, n_heads, win_left, win_right,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -126,39 +164,83 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
+    lo, hi = _reach(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen) - 1, seqlen, win_left,
+                    win_right, BLOCK_N, HAS_WINDOW)
+    visits = 0
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < seqlen
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
         if HAS_ALIBI:
             s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # every block has at least one valid column, so m_new is finite and alpha is well defined
+        if HAS_WINDOW:  # a block cut by the window edge: masked inside
+            s = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right), s, float("-inf"))
+        else:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        # A row can meet a block with no finite score (window edge, or an ALiBi bias that overflowed to
+        # -inf): its max stays -inf and exp2(-inf - -inf) would be nan, so such rows subtract 0 instead.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST_DOT), v, PRECISION, UPCAST_DOT)
         m_i = m_new
+        visits += 1
 
+    # l_i == 0 only for a row whose every score is -inf: out 0, lse -inf (as the reference)
+    empty = l_i == 0.0
+    l_i = tl.where(empty, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(Out + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              _round(out, Out.dtype.element_ty, UPCAST_DOT), mask=mask_m[:, None])
-    lse = (m_i + tl.log2(l_i)) * _LN2  # natural log, as the reference
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_i)) * _LN2)  # natural log, as the reference
     tl.store(Lse + h * stride_lse_h + start + offs_m, lse, mask=mask_m)
+    if COUNT_VISITS:
+        tl.store(Visits + (h * tl.num_programs(1) + b) * tl.num_programs(0) + pid_m, visits)
+
+
+@triton.jit
+def _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt, stride_vt,
+              qk_scale, slope, win_left, win_right,
+              HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One key block of the dQ pass: ``(K, P, dP)`` with ``P = exp2(S - lse2)`` (0 outside the sequence and
+    the window) and ``dP = dO V^T``."""
+    cols = start_n + offs_n
+    mask_n = cols < seqlen
+    k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
+    if HAS_ALIBI:
+        s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
+    if HAS_WINDOW:
+        p = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right),
+                     tl.exp2(s - lse2[:, None]), 0.0)
+    else:
+        p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), PRECISION, UPCAST_DOT)
+    return k, p, dp
+
+
+@triton.jit
+def _load_lse2(ptr, mask):
+    """lse in log2 units for the backward: +inf past the sequence and for rows whose every score was -inf
+    (lse = -inf), so that their P is exactly 0 instead of nan."""
+    lse2 = tl.load(ptr, mask=mask, other=float("inf")) * _LOG2E
+    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Out, DOut, Lse, Delta, DQ, CuSeqlens, Slopes,
+    Q, K, V, DOut, Lse, Delta, DQ, CuSeqlens, Slopes, Visits,
     softmax_scale, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    stride_lse_h, n_heads,
-    HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    stride_lse_h, n_heads, win_left, win_right,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -178,45 +260,57 @@ def _attn_bwd_dq_kernel(
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
     do = tl.load(DOut + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
                  mask=mask_m[:, None], other=0.0)
-    o = tl.load(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-    # the FlashAttention-2 "preprocess", fused: delta_i = dO_i . O_i, stored for the dK/dV kernel
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(Delta + h * stride_lse_h + rows, delta, mask=mask_m)
-    lse2 = tl.load(Lse + h * stride_lse_h + rows, mask=mask_m, other=0.0) * _LOG2E
-
+    lse2 = _load_lse2(Lse + h * stride_lse_h + rows, mask_m)
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
+    slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
+    lo, hi = _reach(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen) - 1, seqlen, win_left,
+                    win_right, BLOCK_N, HAS_WINDOW)
 
+    # Pass 1: delta_i = sum_j P_ij dP_ij / sum_j P_ij, from the same P and dP that form dS below (not
+    # rowsum(dO * O) from the rounded output: see fastbert.reference.flash_attn_bwd for why). Stored for
+    # the dK/dV kernel.
+    pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    visits = 0
+    for start_n in range(lo, hi, BLOCK_N):
+        k, p, dp = _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt,
+                             stride_vt, qk_scale, slope, win_left, win_right, HAS_ALIBI, HAS_WINDOW, PRECISION,
+                             UPCAST_DOT)
+        pdp += tl.sum(p * dp, 1)
+        psum += tl.sum(p, 1)
+        visits += 1
+    delta = tl.where(psum > 0.0, pdp / tl.where(psum > 0.0, psum, 1.0), 0.0)
+    tl.store(Delta + h * stride_lse_h + rows, delta, mask=mask_m)
+
+    # Pass 2: dQ = sum_j dS_ij K_j * scale with dS = P (dP - delta)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
-        if HAS_ALIBI:
-            s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
-        p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST_DOT)
+    for start_n in range(lo, hi, BLOCK_N):
+        k, p, dp = _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt,
+                             stride_vt, qk_scale, slope, win_left, win_right, HAS_ALIBI, HAS_WINDOW, PRECISION,
+                             UPCAST_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(_round(ds, k.dtype, UPCAST_DOT), k, PRECISION, UPCAST_DOT)
+        visits += 1
 
     dq *= softmax_scale
     tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              _round(dq, DQ.dtype.element_ty, UPCAST_DOT), mask=mask_m[:, None])
+    if COUNT_VISITS:
+        tl.store(Visits + (h * tl.num_programs(1) + b) * tl.num_programs(0) + pid_m, visits)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes,
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlens, Slopes, Visits,
     softmax_scale, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    stride_lse_h, n_heads,
-    HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    stride_lse_h, n_heads, win_left, win_right,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     # BLOCK_N: keys owned by this program; BLOCK_M: query rows streamed per iteration
     pid_n = tl.program_id(0)
@@ -245,28 +339,40 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(0, seqlen, BLOCK_M):
+    # key j is seen by the queries i with i - win_left <= j <= i + win_right, i.e. j - win_right .. j + win_left
+    lo, hi = _reach(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, seqlen) - 1, seqlen, win_right,
+                    win_left, BLOCK_M, HAS_WINDOW)
+    visits = 0
+    for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         mask_m = rows < seqlen
         q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         # lse = +inf on rows past the sequence makes their P exactly 0 (and q, dO are 0 there anyway)
-        lse2 = tl.load(lse_base + rows, mask=mask_m, other=float("inf")) * _LOG2E
+        lse2 = _load_lse2(lse_base + rows, mask_m)
         delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
         st = _dot(k, tl.trans(q), PRECISION, UPCAST_DOT) * qk_scale  # S^T: [BLOCK_N, BLOCK_M]
         if HAS_ALIBI:
             st -= slope * tl.abs(offs_n[:, None] - rows[None, :]).to(tl.float32)
-        pt = tl.exp2(st - lse2[None, :])
+        # keys past the end are zeroed too: never stored, but exp2 of their bias-only score can overflow
+        if HAS_WINDOW:
+            pt = tl.where(mask_n[:, None] & _in_window(offs_n, rows, win_right, win_left),
+                          tl.exp2(st - lse2[None, :]), 0.0)
+        else:
+            pt = tl.where(mask_n[:, None], tl.exp2(st - lse2[None, :]), 0.0)
         dv += _dot(_round(pt, do.dtype, UPCAST_DOT), do, PRECISION, UPCAST_DOT)
         dpt = _dot(v, tl.trans(do), PRECISION, UPCAST_DOT)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(_round(dst, q.dtype, UPCAST_DOT), q, PRECISION, UPCAST_DOT)
+        visits += 1
 
     dk *= softmax_scale
     tl.store(DK + keys[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :],
              _round(dk, DK.dtype.element_ty, UPCAST_DOT), mask=mask_n[:, None])
     tl.store(DV + keys[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :],
              _round(dv, DV.dtype.element_ty, UPCAST_DOT), mask=mask_n[:, None])
+    if COUNT_VISITS:
+        tl.store(Visits + (h * tl.num_programs(1) + b) * tl.num_programs(0) + pid_n, visits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,23 +484,49 @@ def _empty(shape, dtype, device) -> Tensor:
 
 
 def _device_ctx(t: Tensor):
-    import contextlib
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+_VISITS = VisitLog()
+
+
+def record_visits():
+    """Test hook: inside ``with record_visits() as log:`` every launch compiles its kernels with
+    ``COUNT_VISITS`` and each program stores how many blocks of the other axis its loops visited (key
+    blocks for fwd and dq, both dq loops counted; query blocks for dkdv): ``log[kind]`` is int32
+    ``[H, B, grid_0]`` for the last launch of each kind, 0 for programs that exited at once. The flag is a
+    constexpr, so normal launches compile without it."""
+    return _VISITS.record()
+
+
+def _visits(kind: str, grid, device, dummy: Tensor) -> Tuple[Tensor, bool]:
+    if _VISITS.log is None:
+        return dummy, False
+    buf = torch.zeros((grid[2], grid[1], grid[0]), dtype=torch.int32, device=device)
+    _VISITS.log[kind] = buf
+    return buf, True
+
+
+def _window_args(window_size) -> dict:
+    has_window, left, right = _ref.kernel_window(window_size)
+    return {"win_left": left, "win_right": right, "HAS_WINDOW": has_window}
 
 
 # ----------------------------------------------------------------------------------------------
 # primitives
 # ----------------------------------------------------------------------------------------------
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                   alibi_slopes: Optional[Tensor] = None,
-                   softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                   alibi_slopes: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                   window_size=(-1, -1)) -> Tuple[Tensor, Tensor]:
     """Primitive. q, k, v ``[T, H, D]`` (last-dim stride 1), cu_seqlens int32 ``[B+1]``, alibi_slopes fp32
-    ``[B, H]`` contiguous or None -> ``(out [T, H, D] q.dtype contiguous, lse [H, T] fp32)``.
+    ``[B, H]`` contiguous or None, window_size ``(left, right)`` (-1: unbounded) -> ``(out [T, H, D]
+    q.dtype contiguous, lse [H, T] fp32)``.
 
     ``max_seqlen`` must be at least the longest sequence (the ops layer guarantees it; rows past
     ``max_seqlen`` would not be computed).
     """
     _check(q=q, k=k, v=v)
+    window = _window_args(window_size)
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
     scale = _scale(softmax_scale, D)
@@ -406,22 +538,25 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seql
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else lse  # dummy pointer, never read when HAS_ALIBI is False
     grid = (triton.cdiv(max_seqlen, block_m), B, H)
+    visits, count = _visits("fwd", grid, q.device, lse)
     with _device_ctx(q):
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens, slopes, scale * 1.4426950408889634,
+            q, k, v, out, lse, cu_seqlens, slopes, visits, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), H,
-            HAS_ALIBI=has_alibi, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=num_stages, **_dot_flags(q.dtype, q.device))
+            HAS_ALIBI=has_alibi, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, COUNT_VISITS=count,
+            num_warps=num_warps, num_stages=num_stages, **window, **_dot_flags(q.dtype, q.device))
     return out, lse
 
 
 def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    cu_seqlens: Tensor, max_seqlen: int, alibi_slopes: Optional[Tensor] = None,
-                   softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Primitive. Gradients of ``flash_attn_fwd``: dout, out ``[T, H, D]`` (last-dim stride 1), lse
-    ``[H, T]`` fp32 contiguous -> ``(dq, dk, dv)`` each ``[T, H, D]`` q.dtype contiguous. No slope grad."""
+                   softmax_scale: Optional[float] = None, window_size=(-1, -1)) -> Tuple[Tensor, Tensor, Tensor]:
+    """Primitive. Gradients of ``flash_attn_fwd``: dout ``[T, H, D]`` (last-dim stride 1), lse ``[H, T]``
+    fp32 -> ``(dq, dk, dv)`` each ``[T, H, D]`` q.dtype contiguous. No slope grad. ``out`` is checked but
+    not read: delta comes from P and dP (see ``fastbert.reference.flash_attn_bwd``)."""
     _check(q=q, k=k, v=v, dout=dout, out=out)
+    window = _window_args(window_size)
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
     scale = _scale(softmax_scale, D)
@@ -435,22 +570,26 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else lse
     flags = _dot_flags(q.dtype, q.device)
-    common = dict(HAS_ALIBI=has_alibi, HEAD_DIM=D, **flags)
+    common = dict(HAS_ALIBI=has_alibi, HEAD_DIM=D, **window, **flags)
     with _device_ctx(q):
         block_m, block_n, num_warps, num_stages = _config("dq", D, q.dtype, q.device)
-        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), B, H)](
-            q, k, v, out, dout, lse, delta, dq, cu_seqlens, slopes, scale, scale * 1.4426950408889634,
+        grid = (triton.cdiv(max_seqlen, block_m), B, H)
+        visits, count = _visits("dq", grid, q.device, lse)
+        _attn_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, cu_seqlens, slopes, visits, scale, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-            lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), H,
+            BLOCK_M=block_m, BLOCK_N=block_n, COUNT_VISITS=count, num_warps=num_warps, num_stages=num_stages,
             **common)
         block_m, block_n, num_warps, num_stages = _config("dkdv", D, q.dtype, q.device)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B, H)](
-            q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, scale, scale * 1.4426950408889634,
+        grid = (triton.cdiv(max_seqlen, block_n), B, H)
+        visits, count = _visits("dkdv", grid, q.device, lse)
+        _attn_bwd_dkdv_kernel[grid](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, visits, scale, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
-            **common)
+            lse.stride(0), H, BLOCK_M=block_m, BLOCK_N=block_n, COUNT_VISITS=count, num_warps=num_warps,
+            num_stages=num_stages, **common)
     return dq, dk, dv
 
 
@@ -460,7 +599,9 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 _KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
 _SCALARS = {"qk_scale": "fp32", "softmax_scale": "fp32"}
 _FP32_POINTERS = {"Lse", "Delta", "Slopes"}
-_CONSTEXPRS = ("HAS_ALIBI", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT")  # of all three
+_CONSTEXPRS = ("HAS_ALIBI", "HAS_WINDOW", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "UPCAST_DOT",
+               "COUNT_VISITS")  # of all three
+_I32 = {"n_heads", "win_left", "win_right"}
 
 
 def _runtime_signature(kernel, dtype: str) -> dict:
@@ -471,9 +612,9 @@ def _runtime_signature(kernel, dtype: str) -> dict:
             continue
         if name in _SCALARS:
             sig[name] = _SCALARS[name]
-        elif name.startswith("stride_") or name == "n_heads":
+        elif name.startswith("stride_") or name in _I32:
             sig[name] = "i32"
-        elif name == "CuSeqlens":
+        elif name in ("CuSeqlens", "Visits"):
             sig[name] = "*i32"
         else:
             sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
@@ -483,8 +624,9 @@ def _runtime_signature(kernel, dtype: str) -> dict:
 def _divisible(kernel) -> list:
     """Arguments the JIT sees as multiples of 16 at BERT shapes: every pointer (torch allocations are
     16-byte aligned; a fused-QKV view starts H*D elements in) and every token/head stride (multiples of
-    D in {32, 64, 128}); ``stride_lse_h`` (= T) and ``n_heads`` are not. Without this the ahead-of-time
-    compile cannot vectorise the tile loads and needs far more registers (it spilled) than real runs."""
+    D in {32, 64, 128}); ``stride_lse_h`` (= T), ``n_heads`` and the window sizes are not. Without this the
+    ahead-of-time compile cannot vectorise the tile loads and needs far more registers (it spilled) than
+    real runs."""
     return [n for n, t in _runtime_signature(kernel, "bf16").items()
             if t.startswith("*") or (n.startswith("stride_") and n != "stride_lse_h")]
 
@@ -494,18 +636,21 @@ def compile_specs(generations: Tuple[str, ...] = ("sm80", "sm90")) -> list:
 
     One entry per GPU generation (the ``_CONFIGS`` row the launcher picks there) x kernel (fwd, dq, dkdv)
     x head dim (32, 64, 128) x dtype (bf16, fp16), with ALiBi on (the MosaicBERT path; ALiBi off only
-    removes instructions). Extra keys: ``"attrs"`` (see ``kernels._common.spec``) and ``"capability"``
-    (80 or 90: compile for ``GPUTarget("cuda", capability, 32)``, the generation the config is for).
+    removes instructions), plus the local-attention build (``HAS_WINDOW``) of each in bf16 (named
+    ``...bf16.window.<gen>``; fp16 is the same code). Extra keys: ``"attrs"`` (see ``kernels._common.spec``)
+    and ``"capability"`` (80 or 90: compile for ``GPUTarget("cuda", capability, 32)``, the generation the
+    config is for).
     """
     specs = []
     for gen in generations:
         for kind, kernel in _KERNELS.items():
             for head_dim in (32, 64, 128):
                 block_m, block_n, num_warps, num_stages = _CONFIGS[gen][kind][head_dim]
-                for dtype in ("bf16", "fp16"):
-                    const = {"HAS_ALIBI": True, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                             "PRECISION": "tf32", "UPCAST_DOT": False}
-                    entry = spec(f"attention.{kind}.d{head_dim}.{dtype}.{gen}", kernel,
+                for dtype, window in (("bf16", False), ("fp16", False), ("bf16", True)):
+                    const = {"HAS_ALIBI": True, "HAS_WINDOW": window, "HEAD_DIM": head_dim, "BLOCK_M": block_m,
+                             "BLOCK_N": block_n, "PRECISION": "tf32", "UPCAST_DOT": False, "COUNT_VISITS": False}
+                    name = f"attention.{kind}.d{head_dim}.{dtype}{'.window' if window else ''}.{gen}"
+                    entry = spec(name, kernel,
                                  _runtime_signature(kernel, dtype), const, num_warps, num_stages,
                                  hot=head_dim == 64, kind="tensor_core", divisible=_divisible(kernel))
                     entry["capability"] = int(gen[2:])

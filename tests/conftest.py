@@ -8,12 +8,14 @@ import os
 import pytest
 import torch
 
-from fastbert.testing import enable_triton_interpreter_if_no_gpu, patch_triton_interpreter_bf16_dot
+from fastbert.testing import (enable_triton_interpreter_if_no_gpu, patch_triton_interpreter_address_check,
+                              patch_triton_interpreter_bf16_dot)
 
 INTERPRET = enable_triton_interpreter_if_no_gpu()
 if INTERPRET:
     # TEST-ONLY: the interpreter's bf16 tl.dot is broken on CPU (see fastbert.testing).
     patch_triton_interpreter_bf16_dot()
+    patch_triton_interpreter_address_check()  # an unmasked load past a tensor is an error, not luck
 
 HAS_GPU = torch.cuda.is_available()
 

@@ -92,3 +92,20 @@ def test_report_timed_path(tmp_path):
     vs = {(r["op"], r["peer"]): r for r in res["vs_peers"]}
     assert vs[("layer_norm", "eager")]["fastbert"] == "fastbert-cuda" and vs[("layer_norm", "eager")]["speedup"] == 2.5
     assert res["missing"][0]["provider"] == "flex-alibi"
+
+
+def test_report_scaling_with_sequence_length():
+    """The windowed-attention group's time-vs-length table: growth 1 for a linear provider, S ratio for a
+    quadratic one (hand-made numbers)."""
+    from bench import report
+    rows = []
+    for S, lin, quad in ((512, 1.0, 1.0), (1024, 2.0, 4.0), (8192, 16.0, 256.0)):
+        for prov, ms in (("fastbert-cuda", lin), ("sdpa-band-mask", quad)):
+            rows.append(_row("attention_window", prov, "peer", ms, shape=f"S{S}", seqlen=S)["extra_info"])
+    rows.append(_row("layer_norm", "eager", "peer", 1.0)["extra_info"])  # no seqlen: not in the table
+    sc = {r["provider"]: r for r in report.scaling(rows)}
+    assert set(sc) == {"fastbert-cuda", "sdpa-band-mask"}
+    assert sc["fastbert-cuda"]["growth"] == pytest.approx(1.0)
+    assert sc["sdpa-band-mask"]["growth"] == pytest.approx(16.0)
+    table = report.scaling_markdown(list(sc.values()))
+    assert "ms at S=8192" in table and "| 16.00 |" in table

@@ -45,7 +45,7 @@ def _slopes(kind, B, H):
     return None
 
 
-def _check_attention(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None):
+def _check_attention(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None, window=(-1, -1)):
     q, k, v, cu = _attn_inputs(seqlens, H, D, dtype, layout)
     ms = max(seqlens) if max_seqlen is None else max_seqlen
     slopes = _slopes(slopes_kind, len(seqlens), H)
@@ -53,15 +53,15 @@ def _check_attention(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seql
     do = torch.randn(q.shape).to(dtype)
     before = [t.clone() for t in (q, k, v, do)]
     with poisoned_allocations():
-        out, lse = C.flash_attn_fwd(q, k, v, cu, ms, slopes, scale)
-        dq, dk, dv = C.flash_attn_bwd(do, q, k, v, out, lse, cu, ms, slopes, scale)
+        out, lse = C.flash_attn_fwd(q, k, v, cu, ms, slopes, scale, window)
+        dq, dk, dv = C.flash_attn_bwd(do, q, k, v, out, lse, cu, ms, slopes, scale, window)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v, do), before)), "a primitive wrote into its inputs"
 
     d = [t.double() for t in (q, k, v, do)]
-    ref_out, ref_lse = R.flash_attn_fwd(d[0], d[1], d[2], cu, ms, slopes, scale)
-    ref_grads = R.flash_attn_bwd(d[3], d[0], d[1], d[2], ref_out, ref_lse, cu, ms, slopes, scale)
-    peer_out, peer_lse = R.flash_attn_fwd(q, k, v, cu, ms, slopes, scale)
-    peer_grads = R.flash_attn_bwd(do, q, k, v, peer_out, peer_lse, cu, ms, slopes, scale)
+    ref_out, ref_lse = R.flash_attn_fwd(d[0], d[1], d[2], cu, ms, slopes, scale, window)
+    ref_grads = R.flash_attn_bwd(d[3], d[0], d[1], d[2], ref_out, ref_lse, cu, ms, slopes, scale, window)
+    peer_out, peer_lse = R.flash_attn_fwd(q, k, v, cu, ms, slopes, scale, window)
+    peer_grads = R.flash_attn_bwd(do, q, k, v, peer_out, peer_lse, cu, ms, slopes, scale, window)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (H, q.shape[0])
     assert_close(out, ref_out, peer=peer_out, factor=2, name="out")
@@ -87,43 +87,24 @@ def test_attention_ignores_a_loose_max_seqlen():
     _check_attention([4, 11], 2, 32, torch.float32, "alibi", max_seqlen=40)
 
 
-def _dense_windowed(q, k, v, do, cu, slopes, scale, window, dtype):
-    """Oracle for the window: softmax attention per sequence in ``dtype`` with the ALiBi bias and the band
-    ``i - left <= j <= i + right`` written out densely; returns ``(out, lse, dq, dk, dv)``."""
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    outs, lses = [], []
-    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        i = torch.arange(e - s, dtype=dtype)
-        rel = i[None, :] - i[:, None]  # j - i
-        bias = torch.zeros(e - s, e - s, dtype=dtype) if slopes is None else \
-            -slopes[b].to(dtype)[:, None, None] * rel.abs()
-        if window[0] >= 0:
-            bias = bias.masked_fill(rel < -window[0], float("-inf"))
-        if window[1] >= 0:
-            bias = bias.masked_fill(rel > window[1], float("-inf"))
-        qb, kb, vb = (t[s:e].transpose(0, 1) for t in leaves)
-        scores = qb @ kb.transpose(1, 2) * scale + bias
-        lses.append(torch.logsumexp(scores, -1))
-        outs.append((torch.softmax(scores, -1) @ vb).transpose(0, 1))
-    out = torch.cat(outs)
-    out.backward(do.to(dtype))
-    return [out.detach(), torch.cat(lses, 1).detach()] + [t.grad for t in leaves]
+@pytest.mark.parametrize("window,slopes_kind,dtype", [((3, 5), "alibi", torch.float32), ((0, -1), None, torch.float32),
+                                                ((-1, 2), "per_seq", torch.bfloat16), ((40, 40), "alibi", torch.float32)])
+def test_attention_sliding_window(window, slopes_kind, dtype):
+    """window_size=(left, right): query i sees keys i-left..i+right of its own sequence (-1: unbounded; a
+    window wider than every sequence is global attention)."""
+    _check_attention([1, 12, 0, 30], 2, 32, dtype, slopes_kind, window=window)
 
 
-@pytest.mark.parametrize("window,slopes_kind", [((3, 5), "alibi"), ((0, -1), None), ((-1, 2), "per_seq")])
-def test_attention_sliding_window(window, slopes_kind):
-    """window_size=(left, right): query i sees keys i-left..i+right of its own sequence (-1: unbounded)."""
-    seqlens, H, D = [1, 12, 0, 30], 2, 32
-    q, k, v, cu = _attn_inputs(seqlens, H, D, torch.float32)
-    slopes = _slopes(slopes_kind, len(seqlens), H)
-    scale, do = 1 / math.sqrt(D), torch.randn(q.shape)
-    with poisoned_allocations():
-        out, lse = C.flash_attn_fwd(q, k, v, cu, max(seqlens), slopes, scale, window)
-        grads = C.flash_attn_bwd(do, q, k, v, out, lse, cu, max(seqlens), slopes, scale, window)
-    ref = _dense_windowed(q, k, v, do, cu, slopes, scale, window, torch.float64)
-    peer = _dense_windowed(q, k, v, do, cu, slopes, scale, window, torch.float32)
-    for name, g, r, p in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads), ref, peer):
-        assert_close(g, r, peer=p, factor=2 if name in ("out", "lse") else 3, name=name)
+def test_attention_bad_window_and_public_op():
+    q, k, v, cu = _attn_inputs([3, 5], 2, 32, torch.float32)
+    for bad in ((-2, 1), (1,), (1.5, 2)):
+        with pytest.raises((TypeError, ValueError), match="window_size"):
+            C.flash_attn_fwd(q, k, v, cu, 5, None, 0.1, bad)
+    from fastbert.ops import flash_attn_varlen_alibi
+    with fastbert.use_backend("cpu"):
+        out = flash_attn_varlen_alibi(q, k, v, cu, 5, R.alibi_slopes(2), window_size=(1, 0))
+    ref = R.flash_attn_varlen_alibi(q, k, v, cu, 5, R.alibi_slopes(2), window_size=(1, 0))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_no_tokens():
@@ -252,9 +233,10 @@ def _opcheck_cases():
     w = torch.randn(16, requires_grad=True)
     d = lambda t: t.detach().clone()  # noqa: E731
     ops = torch.ops.fastbert
-    yield ops.flash_attn_fwd.default, (q, k, v, cu, 6, slopes, 0.2, "cpu")
-    out, lse = ops.flash_attn_fwd(d(q), d(k), d(v), cu, 6, slopes, 0.2, "cpu")
-    yield ops.flash_attn_bwd.default, (torch.randn_like(out), d(q), d(k), d(v), out, lse, cu, 6, slopes, 0.2, "cpu")
+    yield ops.flash_attn_fwd.default, (q, k, v, cu, 6, slopes, 0.2, -1, -1, "cpu")
+    out, lse = ops.flash_attn_fwd(d(q), d(k), d(v), cu, 6, slopes, 0.2, 2, 1, "cpu")
+    yield ops.flash_attn_bwd.default, (torch.randn_like(out), d(q), d(k), d(v), out, lse, cu, 6, slopes, 0.2, 2, 1,
+                                       "cpu")
     yield ops.layer_norm_fwd.default, (x, w, d(w).requires_grad_(), d(x).requires_grad_(), 1e-5, "cpu")
     y, z, mean, rstd = ops.layer_norm_fwd(d(x), d(w), None, d(x), 1e-5, "cpu")
     yield ops.layer_norm_bwd.default, (torch.randn_like(y), z, d(w), True, mean, rstd, torch.randn_like(z), "cpu")

@@ -1,19 +1,24 @@
 """The CUDA kernels of csrc/ executed on the CPU through the host emulation (the ``cuda_host`` backend),
 against the reference: odd sizes, fp32/bf16 (fp16 where it matters), forward and backward, every output
 buffer the primitive allocates NaN-poisoned, tolerance by fastbert.testing's rule (2x / 3x PyTorch's
-own error in the same dtype against fp64). A subset runs again in the emulation's debug mode (shuffled
-thread order, poisoned shared memory) to surface races.
+own error in the same dtype against fp64). Inputs, outputs and workspaces sit between guard zones
+(fastbert.memcheck: a write outside a tensor fails the test). The LayerNorm tests run on the checking
+build (``check_mode``: shared-memory races, uninitialised shared reads, guard zones touched), the rest on
+the fast build; a subset runs again in the debug mode (shuffled thread order, poisoned shared memory).
 
 The first test to run builds the library with g++ (~10-20 s, cached by source hash).
 """
 import functools
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastbert import reference as R
 from fastbert._cuda_common import LN_MAX_N
+from fastbert.memcheck import GuardPool
 from fastbert.testing import assert_close, double_or_none as _d, poisoned_allocations
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
@@ -27,6 +32,20 @@ def _built():
     H.load()
     if H.build_seconds() is not None:
         print(f"cuda_host: g++ build took {H.build_seconds():.1f}s")
+
+
+def _pool(B):
+    """Guard zones around the tensors of a CPU backend's calls; on a GPU, poisoning only."""
+    return GuardPool() if B is H else None
+
+
+def _put(pool, t, name):
+    return pool.put(t, name) if pool is not None and t is not None else t
+
+
+def _allocs(pool):
+    """Outputs and workspaces poisoned, and guarded for a CPU backend (guards verified on exit)."""
+    return pool.allocations() if pool is not None else poisoned_allocations()
 
 
 def _check_grads(got, ref, peer, names, factor=3):
@@ -65,10 +84,11 @@ def _ln_params(N, dtype, affine):
 def _run_layer_norm(M, N, dtype, residual, affine, B=None):
     B = B or H
     eps = 1e-5
-    x = torch.randn(M, N).mul_(2).add_(0.3).to(dtype)
-    r = torch.randn(M, N).to(dtype) if residual else None
-    w, b = _ln_params(N, dtype, affine)
-    with poisoned_allocations():
+    pool = _pool(B)
+    x = _put(pool, torch.randn(M, N).mul_(2).add_(0.3).to(dtype), "x")
+    r = _put(pool, torch.randn(M, N).to(dtype), "residual") if residual else None
+    w, b = (_put(pool, t, n) for t, n in zip(_ln_params(N, dtype, affine), ("weight", "bias")))
+    with _allocs(pool):
         y, z, mean, rstd = B.layer_norm_fwd(x, w, b, r, eps)
     assert (z is None) == (r is None)
     assert y.dtype == dtype and mean.dtype == torch.float32 and rstd.dtype == torch.float32
@@ -83,10 +103,10 @@ def _run_layer_norm(M, N, dtype, residual, affine, B=None):
     assert_close(mean, mean_ref, peer=mean_peer, name="mean")
     assert_close(rstd, rstd_ref, peer=rstd_peer, name="rstd")
 
-    dy = torch.randn(M, N).to(dtype)
-    dze = torch.randn(M, N).to(dtype) if residual else None
+    dy = _put(pool, torch.randn(M, N).to(dtype), "dy")
+    dze = _put(pool, torch.randn(M, N).to(dtype), "dz_extra") if residual else None
     has_bias = b is not None
-    with poisoned_allocations():
+    with _allocs(pool):
         got = B.layer_norm_bwd(dy, zin, w, has_bias, mean, rstd, dze)
     ref = R.layer_norm_bwd(_d(dy), _d(zin), _d(w), has_bias, mean_ref, rstd_ref, _d(dze))
     peer = R.layer_norm_bwd(dy, zin, w, has_bias, mean, rstd, dze)
@@ -95,7 +115,8 @@ def _run_layer_norm(M, N, dtype, residual, affine, B=None):
 
 @pytest.mark.parametrize("M,N,dtype,residual,affine", LN_CASES)
 def test_layer_norm(M, N, dtype, residual, affine):
-    _run_layer_norm(M, N, dtype, residual, affine)
+    with H.check_mode(seed=M + N):
+        _run_layer_norm(M, N, dtype, residual, affine)
 
 
 def test_layer_norm_many_partials():
@@ -144,14 +165,16 @@ def _act_inputs(M, N, dtype, has_bias, width):
 def _run_activation(op, M, N, dtype, has_bias, approximate, B=None):
     """op "bias_gelu" (x ``[M, N]``) or "geglu" (x ``[M, 2N]``): forward and backward vs the reference."""
     B = B or H
-    x, bias, dy = _act_inputs(M, N, dtype, has_bias, 2 if op == "geglu" else 1)
+    pool = _pool(B)
+    x, bias, dy = (_put(pool, t, n) for t, n in zip(_act_inputs(M, N, dtype, has_bias, 2 if op == "geglu" else 1),
+                                                     ("x", "bias", "dy")))
     fwd, bwd = getattr(B, f"{op}_fwd"), getattr(B, f"{op}_bwd")
     ref_fwd, ref_bwd = getattr(R, f"{op}_fwd"), getattr(R, f"{op}_bwd")
-    with poisoned_allocations():
+    with _allocs(pool):
         y = fwd(x, bias, approximate)
     assert y.shape == (M, N)
     assert_close(y, ref_fwd(_d(x), _d(bias), approximate), peer=ref_fwd(x, bias, approximate), name="y")
-    with poisoned_allocations():
+    with _allocs(pool):
         got = bwd(dy, x, bias, approximate)
     ref = ref_bwd(_d(dy), _d(x), _d(bias), approximate)
     peer = ref_bwd(dy, x, bias, approximate)
@@ -191,17 +214,19 @@ def _run_index_gather_scatter(F, dtype, B=None):
     mask[1, 3] = True  # a length-1 sequence
     indices, _, _ = R.unpad_indices(mask)
     rows = mask.numel()
+    pool = _pool(B)
     x = (torch.randn(rows, F) * 100).to(dtype) if dtype != torch.bool else torch.rand(rows, F) < 0.5
-    with poisoned_allocations():
+    x, indices = _put(pool, x, "x"), _put(pool, indices, "indices")
+    with _allocs(pool):
         g = B.index_gather_fwd(x, indices)
     assert torch.equal(g, R.index_gather_fwd(x, indices))
-    with poisoned_allocations():
+    with _allocs(pool):
         s = B.index_scatter_fwd(g, indices, rows)
     assert torch.equal(s, R.index_scatter_fwd(g, indices, rows))
     empty = torch.empty(0, dtype=torch.int64)
     assert B.index_gather_fwd(x, empty).shape == (0, F)
-    with poisoned_allocations():  # an out-of-range index never reads or writes out of bounds
-        bad = B.index_gather_fwd(x, torch.tensor([1, rows, -1]))
+    with _allocs(pool):  # an out-of-range index never reads or writes out of bounds
+        bad = B.index_gather_fwd(x, _put(pool, torch.tensor([1, rows, -1]), "bad indices"))
     assert torch.equal(bad[0], x[1]) and not bad[1:].to(torch.float64).any()
     assert torch.equal(B.index_scatter_fwd(x[:0], empty, 4), torch.zeros(4, F, dtype=dtype))
 
@@ -218,18 +243,20 @@ def test_cross_entropy_rows(V, dtype):
 def _run_cross_entropy_rows(V, dtype, B=None):
     B = B or H
     n = 5
+    pool = _pool(B)
     logits = (torch.randn(n, V) * 3).to(dtype)
-    tgt = torch.randint(0, V, (n,))
+    tgt = _put(pool, torch.randint(0, V, (n,)), "targets")
     ref_loss = torch.nn.functional.cross_entropy(logits.double(), tgt, reduction="none")
     peer_loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
     ref_grad = 0.25 * (torch.softmax(logits.double(), -1) - torch.nn.functional.one_hot(tgt, V).double())
     peer_grad = (0.25 * (torch.softmax(logits.float(), -1) - torch.nn.functional.one_hot(tgt, V).float())).to(dtype)
-    work = logits.clone()
-    with poisoned_allocations():
+    work = _put(pool, logits, "logits") if pool is not None else logits.clone()
+    with _allocs(pool):
         loss = B.cross_entropy_rows(work, tgt, None)  # no grad: logits untouched
     assert torch.equal(work, logits)
     assert_close(loss, ref_loss, peer=peer_loss, name="loss")
-    loss = B.cross_entropy_rows(work, tgt, 0.25)
+    with _allocs(pool):
+        loss = B.cross_entropy_rows(work, tgt, 0.25)
     assert_close(loss, ref_loss, peer=peer_loss, name="loss")
     assert_close(work, ref_grad, peer=peer_grad, factor=3, name="dlogits")
 
@@ -249,7 +276,9 @@ def _run_sparse_mlm_loss(T, Hd, V, dtype, has_bias, B=None):
     labels = torch.randint(0, V, (T,))
     labels[torch.rand(T) < 0.5] = -100
     labels[0] = 3
-    with poisoned_allocations():
+    pool = _pool(B)
+    hidden, weight, bias = _put(pool, hidden, "hidden"), _put(pool, weight, "weight"), _put(pool, bias, "bias")
+    with _allocs(pool):
         got = B.sparse_mlm_loss_fwd(hidden, labels, weight, bias, -100, True)
     ref = R.sparse_mlm_loss_fwd(_d(hidden), labels, _d(weight), _d(bias), -100, True)
     peer = R.sparse_mlm_loss_fwd(hidden, labels, weight, bias, -100, True)
@@ -278,6 +307,17 @@ def test_debug_mode_subset():
         _run_activation("bias_gelu", 33, 130, torch.float32, True, "none")
         _run_activation("geglu", 70, 256, torch.bfloat16, True, "tanh")
         test_cross_entropy_rows(97, torch.float32)
+
+
+def test_check_mode_other_kernels():
+    """The kernels outside the full checking runs (bias-GELU, GeGLU, the MLM row kernel, gather /
+    scatter, the partial-sum reduction) once each on the checking build: no race, no uninitialised
+    shared read, no guard zone touched."""
+    with H.check_mode(seed=5):
+        _run_activation("bias_gelu", 33, 130, torch.float32, True, "none")
+        _run_activation("geglu", 70, 256, torch.bfloat16, True, "tanh")
+        _run_cross_entropy_rows(97, torch.bfloat16)
+        _run_index_gather_scatter(5, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,29 +365,21 @@ def test_ops_bad_input_messages_on_cuda_host():
 # ------------------------------------------------------------------------------------------------
 # the emulation itself
 # ------------------------------------------------------------------------------------------------
-def test_emulation_selftest():
-    """tests/cuda_host_driver/emu_selftest.cpp: shuffles (with widths), ballot, barriers, shared and dynamic
-    shared memory, atomics across blocks, deadlock detection, debug mode exposing a race, bf16/half RNE."""
-    import hashlib
-    import subprocess
-    from pathlib import Path
+SELFTEST = Path(__file__).resolve().parent / "cuda_host_driver" / "emu_selftest.cpp"
+SELFTEST_CHECKS = ("warp_shuffles", "syncthreads_shared_memory", "divergent_barrier_reported",
+                   "dynamic_smem_atomics_multi_block", "bf16_half_round_to_nearest_even",
+                   "cp_async_copy_and_zero_fill", "cp_async_commit_groups_wait_n")
 
-    src = Path(__file__).resolve().parent / "cuda_host_driver" / "emu_selftest.cpp"
-    csrc = H.csrc_dir()
-    h = hashlib.sha256(src.read_bytes() + (csrc / "cuda_host_emu.h").read_bytes() + (csrc / "common.cuh").read_bytes())
-    exe = H.cache_root() / f"emu_selftest_{h.hexdigest()[:16]}"
-    if not exe.is_file():
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_suffix(".tmp")
-        r = subprocess.run(["g++", "-O1", "-std=c++17", "-pthread", "-fno-strict-aliasing", f"-I{csrc}", str(src),
-                            "-o", str(tmp)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        tmp.replace(exe)
+
+def test_emulation_selftest():
+    """tests/cuda_host_driver/emu_selftest.cpp on the fast build: shuffles (with widths), ballot, barriers,
+    shared and dynamic shared memory, atomics across blocks, deadlock detection, debug mode exposing a
+    race, bf16/half RNE, cp.async (zero-fill, commit groups, wait<N>, data landing at the wait)."""
+    exe = H.build_executable(SELFTEST, "fast")
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     print(r.stdout)
     assert r.returncode == 0 and "SELFTEST OK" in r.stdout, r.stdout + r.stderr
-    for name in ("warp_shuffles", "syncthreads_shared_memory", "divergent_barrier_reported",
-                 "dynamic_smem_atomics_multi_block", "debug_mode_exposes_race", "bf16_half_round_to_nearest_even"):
+    for name in SELFTEST_CHECKS + ("debug_mode_exposes_race", "cp_async_lands_at_wait_not_before"):
         assert f"PASS {name}" in r.stdout
 
 

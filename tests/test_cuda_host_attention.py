@@ -4,10 +4,15 @@ emulation (the ``cuda_host`` backend), against the reference.
 The emulated ``mma.sync.m16n8k16`` (csrc/mma.cuh) reassembles the operands from the documented per-lane
 fragment layout, so these tests check the kernels' fragment indexing, not just their arithmetic.
 Inputs: fused-QKV strided views, several sequences including empty and length-1 ones, bf16 and fp16,
-ALiBi slopes and none; every buffer the primitive allocates is NaN-poisoned. Tolerance: fp64 reference,
-the reference run in the same low dtype as the peer, factor 2 forward / 3 gradients.
+ALiBi slopes and none; every buffer the primitive allocates is NaN-poisoned, and inputs and outputs sit
+between guard zones (fastbert.memcheck). Tolerance: fp64 reference, the reference run in the same low
+dtype as the peer, factor 2 forward / 3 gradients.
 
-Emulated 128-thread blocks are slow (three warp barriers per mma), so shapes stay tiny.
+Every test here runs on the emulation's checking build (``check_mode``: shared-memory race,
+initialisation and bounds checks, threads switched at every shared access in a seeded order, guard
+zones reported at the first touch); in the ASan subprocess (tests/test_cuda_host_memcheck.py) on the
+sanitizer build instead. Emulated 128-thread blocks are slow (three warp barriers per mma), so shapes
+stay tiny.
 """
 import math
 import shutil
@@ -16,7 +21,8 @@ import pytest
 import torch
 
 from fastbert import reference as R
-from fastbert.testing import assert_close, poisoned_allocations
+from fastbert.memcheck import GuardPool
+from fastbert.testing import assert_close
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
 
@@ -28,20 +34,33 @@ def _built():
     CH.load()
 
 
-def _inputs(seqlens, H, D, dtype, layout="fused"):
+@pytest.fixture(autouse=True)
+def _checked(request):
+    """The checking build for every CPU test of this module (GPU tests use the real extension)."""
+    if "gpu" in request.keywords:
+        yield
+        return
+    with CH.check_mode(seed=11):
+        yield
+
+
+def _inputs(seqlens, H, D, dtype, layout="fused", pool=None):
+    """q, k, v [T, H, D] as views of one buffer (guarded by ``pool`` when given) and cu_seqlens."""
     cu = torch.tensor([0] + torch.tensor(seqlens).cumsum(0).tolist(), dtype=torch.int32)
     T = int(cu[-1])
+    put = pool.put if pool is not None else (lambda t, name: t)
     if layout == "fused":  # views of a [T, 3, H, D] QKV projection: token stride 3*H*D
-        qkv = torch.randn(T, 3, H, D).to(dtype)
+        qkv = put(torch.randn(T, 3, H, D).to(dtype), "qkv")
         q, k, v = qkv.unbind(1)
     else:  # "odd": token stride H*(D+3), not a multiple of 8 elements: the scalar-load path
-        base = torch.randn(3, T, H, D + 3).to(dtype)
+        base = put(torch.randn(3, T, H, D + 3).to(dtype), "qkv")
         q, k, v = (base[i, :, :, :D] for i in range(3))
     return q, k, v, cu
 
 
 def _check(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None):
-    q, k, v, cu = _inputs(seqlens, H, D, dtype, layout)
+    pool = GuardPool()
+    q, k, v, cu = _inputs(seqlens, H, D, dtype, layout, pool)
     B = len(seqlens)
     ms = max_seqlen if max_seqlen is not None else max(seqlens)
     slopes = None
@@ -50,10 +69,11 @@ def _check(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None):
     elif slopes_kind == "per_seq":  # [B, H] with a different slope per sequence
         slopes = (R.alibi_slopes(H)[None] * torch.rand(B, 1) * 2).contiguous()
     scale = 1.0 / math.sqrt(D) * 1.3  # not the default, to catch a dropped scale
-    do = torch.randn(q.shape).to(dtype)
+    do = pool.put(torch.randn(q.shape).to(dtype), "dout")
 
-    with poisoned_allocations():
+    with pool.allocations():  # outputs and workspaces guarded + poisoned; guards verified after each call
         out, lse = CH.flash_attn_fwd(q, k, v, cu, ms, slopes, scale)
+    with pool.allocations():
         dq, dk, dv = CH.flash_attn_bwd(do, q, k, v, out, lse, cu, ms, slopes, scale)
 
     d = [t.double() for t in (q, k, v, do)]

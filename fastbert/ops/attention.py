@@ -1,4 +1,5 @@
-"""flash_attn_varlen_alibi: bidirectional ALiBi attention over packed variable-length sequences."""
+"""flash_attn_varlen_alibi: bidirectional ALiBi attention over packed variable-length sequences, global or
+within a local window."""
 from __future__ import annotations
 
 import math
@@ -15,53 +16,57 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("fastbert::flash_attn_fwd", mutates_args=())
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-              alibi_slopes: Optional[Tensor], softmax_scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+              alibi_slopes: Optional[Tensor], softmax_scale: float, window_left: int, window_right: int,
+              backend: str) -> Tuple[Tensor, Tensor]:
     if traced(backend):
         _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
-    out, lse = run("flash_attn_fwd", backend, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale)
+    out, lse = run("flash_attn_fwd", backend, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale,
+                   (window_left, window_right))
     return out, lse
 
 
 @_attn_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, window_left, window_right, backend):
     T, H, D = q.shape
     return q.new_empty((T, H, D)), q.new_empty((H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastbert::flash_attn_bwd", mutates_args=())
 def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
-              max_seqlen: int, alibi_slopes: Optional[Tensor], softmax_scale: float,
-              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+              max_seqlen: int, alibi_slopes: Optional[Tensor], softmax_scale: float, window_left: int,
+              window_right: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if traced(backend):
         _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     dq, dk, dv = run("flash_attn_bwd", backend, dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
-                     alibi_slopes, softmax_scale)
+                     alibi_slopes, softmax_scale, (window_left, window_right))
     return dq, dk, dv
 
 
 @_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, backend):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, alibi_slopes, softmax_scale, window_left, window_right,
+      backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, slopes, scale, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, slopes, scale, window_left, window_right, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, slopes if slopes is not None else q.new_empty(0))
     ctx.has_slopes = slopes is not None
     ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
+    ctx.window = (window_left, window_right)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, slopes = ctx.saved_tensors
     if dout is None:
-        return (None,) * 8
+        return (None,) * 10
     dq, dk, dv = _attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                           slopes if ctx.has_slopes else None, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+                           slopes if ctx.has_slopes else None, ctx.scale, *ctx.window, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup)
@@ -74,8 +79,8 @@ def alibi_slopes(n_heads: int, device=None) -> Tensor:
 
 def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                             alibi_slopes: Optional[Tensor] = None,
-                            softmax_scale: Optional[float] = None) -> Tensor:
-    """Bidirectional ALiBi attention over a packed batch of variable-length sequences.
+                            softmax_scale: Optional[float] = None, window_size=(-1, -1)) -> Tensor:
+    """Bidirectional ALiBi attention over a packed batch of variable-length sequences, global or local.
 
     Args:
         q, k, v: ``[T, H, D]`` fp16/bf16/fp32, D in {32, 64, 128}, last-dim stride 1 (views of a fused
@@ -83,13 +88,18 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
         cu_seqlens: ``[B+1]`` int32 (0, ..., T), non-decreasing; empty sequences allowed, and ``B == 0``
             (``cu_seqlens == [0]``, no tokens) gives an empty output.
         max_seqlen: Python int (a SymInt under ``torch.compile``), at least the longest sequence.
-    Raises:
-        ValueError naming ``cu_seqlens`` or ``max_seqlen`` when their values disagree, eagerly and inside
-        a compiled graph alike; TypeError/ValueError for bad dtypes, shapes, devices.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``, or None for plain attention.
         softmax_scale: default ``1/sqrt(D)``.
+        window_size: ``(left, right)`` ints: query i attends only keys j with ``i - left <= j <= i + right``
+            (flash-attn's convention; ModernBERT's local layers use ``(64, 64)``); -1 leaves a side
+            unbounded. Default ``(-1, -1)``: global attention. The kernels skip key blocks outside the
+            window, so the work per query grows with the window, not the sequence.
     Returns:
         ``[T, H, D]`` in q.dtype; score ``q_i.k_j * scale - slope * |i - j|`` within each sequence only.
+    Raises:
+        ValueError naming ``cu_seqlens`` or ``max_seqlen`` when their values disagree, eagerly and inside
+        a compiled graph alike; TypeError/ValueError for bad dtypes, shapes, devices, and for a
+        ``window_size`` that is not a pair of ints each -1 or >= 0.
     """
     _checks.tensor("q", q, dtypes=_checks.FLOAT_DTYPES, dim=3)
     dev = q.device
@@ -112,8 +122,9 @@ def flash_attn_varlen_alibi(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
             raise ValueError(f"alibi_slopes: expected shape ({H},) or ({B}, {H}), got {tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes.expand(B, H).contiguous()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    backend = pick("flash_attn_fwd", dev, q.dtype, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale)
-    out, _ = _attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale, backend)
+    window = _ref.check_window_size(window_size)
+    backend = pick("flash_attn_fwd", dev, q.dtype, q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale, window)
+    out, _ = _attn_fwd(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale, *window, backend)
     return out
 
 

@@ -220,7 +220,10 @@ def test_auto_picks_cpu_on_cpu_and_the_reference_for_fp64():
     assert registry.resolve("bias_gelu_fwd", x.device, (x.double(), None, "none"), torch.float64) == "torch"
     rep = fastbert.backends("cpu")
     assert rep["cpu"]["available"] and set(rep["cpu"]["families"].values()) == {"ok"}
-    assert "auto tries, in order: cpu > torch" in str(rep)
+    text = str(rep)
+    for fam in registry.PRIMITIVES:
+        order, why = registry.auto_order(fam, x.device)
+        assert order == ("cpu", "torch") and f"auto {fam:10s} cpu > torch: {why}" in text and "reference" in why
     assert "cpu" in fastbert.backends("meta")["cpu"]["reason"]
 
 

@@ -202,11 +202,28 @@ class ModelSource:
         hf_logging.set_verbosity_error()  # "some weights newly initialised" is expected for the head
         hf_logging.disable_progress_bar()  # one loading bar per seed is noise
         try:
-            return HFBert.from_pretrained(str(self.path), num_labels=num_labels, ignore_mismatched_sizes=True)
+            model, info = HFBert.from_pretrained(str(self.path), num_labels=num_labels, ignore_mismatched_sizes=True,
+                                                 output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        check_hf_loading_info(info, str(self.path))
+        return model
+
+
+def check_hf_loading_info(info: dict, path: str) -> None:
+    """Every weight of an HF checkpoint is used or its dropping is intended: only the task head
+    (``classifier.*``, and the pooler when the checkpoint has none) may be new or resized, and only the
+    pretraining heads (``cls.*``) may be left unused. Anything else is a ValueError naming the keys."""
+    new = [k for k in info.get("missing_keys", []) if not k.startswith(("classifier.", "bert.pooler."))]
+    resized = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    resized = [k for k in resized if not k.startswith("classifier.")]
+    unused = [k for k in info.get("unexpected_keys", []) if not k.startswith("cls.")]
+    for what, keys in (("missing from", new), ("of another shape in", resized), ("unused from", unused)):
+        if keys:
+            raise ValueError(f"--model: encoder weights {what} the checkpoint {path}: {sorted(keys)[:8]}"
+                             f"{' ...' if len(keys) > 8 else ''} (is it a BERT checkpoint of this architecture?)")
 
 
 def load_model_source(model_dir: str | os.PathLike, vocab_file=None, lowercase=None) -> ModelSource:
@@ -244,17 +261,17 @@ def _unwrap(model):
 
 
 def _load_encoder_from(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Copy every weight of `state` (an MNLI-finetuned classifier) into `model` except the task head.
-
-    The head is recognised by name ("classifier") and, for safety, by a shape mismatch. Returns the number
-    of tensors copied; raises when almost nothing matched (a different architecture).
+    """Copy every weight of `state` (an MNLI-finetuned classifier) into `model` except the task head
+    (recognised by name: "classifier"). Returns the number of tensors copied; any other weight that is
+    missing from `state` or has another shape raises (a different architecture), never silently skipped.
     """
     own = model.state_dict()
-    take = {k: v for k, v in state.items()
-            if k in own and "classifier" not in k and own[k].shape == v.shape}
-    if len(take) < 0.5 * len(own):
-        raise RuntimeError(f"init_from_mnli: only {len(take)} of {len(own)} tensors of the MNLI model match this "
-                           "model; is it the same architecture?")
+    take = {k: v for k, v in state.items() if k in own and "classifier" not in k}
+    bad = sorted(k for k in own if "classifier" not in k and (k not in take or own[k].shape != take[k].shape))
+    if bad:
+        raise RuntimeError(f"init_from_mnli: {len(bad)} encoder tensors of this model are missing from the MNLI model "
+                           f"or have another shape: {bad[:8]}{' ...' if len(bad) > 8 else ''}; is it the same "
+                           "architecture?")
     model.load_state_dict(take, strict=False)
     return len(take)
 

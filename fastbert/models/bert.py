@@ -17,7 +17,8 @@ State-dict layout (``fastbert.patch`` maps Hugging Face BERT names onto it)::
     bert.layers.{i}.attention.{Wqkv, out_proj}   bert.layers.{i}.attention_norm
     bert.layers.{i}.mlp.{wi, wo}                  bert.layers.{i}.mlp_norm
     bert.final_norm (pre-LN only)                 bert.embeddings.position_scale (sinusoidal only)
-    bert.pooler.dense (classification)            head.{dense, norm, bias} (MLM; decoder tied to word_embeddings)
+    bert.pooler.dense (classification)            head.{dense, norm, bias} (MLM; decoder tied to word_embeddings,
+                                                  or head.decoder when config.tie_word_embeddings is False)
     classifier (classification)
 """
 from __future__ import annotations
@@ -229,7 +230,8 @@ class BertMLMHead(nn.Module):
     """The MLM prediction head: ``dense -> GELU (bias fused) -> LayerNorm`` on ``[N, H]`` rows, then the
     decoder tied to the word embedding (passed in, never copied) with its own ``bias`` ``[padded_vocab]``.
     ``config.mlm_head_transform=False`` drops the transform (``dense``/``norm`` are None, rows go to the
-    decoder as they are); ``config.mlm_decoder_bias=False`` drops ``bias`` (None)."""
+    decoder as they are); ``config.mlm_decoder_bias=False`` drops ``bias`` (None). With
+    ``config.tie_word_embeddings=False`` the head owns ``decoder`` (``Linear(H, padded_vocab)``, no bias)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -239,6 +241,8 @@ class BertMLMHead(nn.Module):
             self.act = fnn.BiasGELU(config.gelu_approximate)
             self.norm = make_layer_norm(config)
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size)) if config.mlm_decoder_bias else None
+        self.decoder = (None if config.tie_word_embeddings else
+                        nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
         self.loss_fn = fnn.SparseMLMLoss(ignore_index=-100)
 
     def transform(self, h: Tensor) -> Tensor:
@@ -471,7 +475,8 @@ class BertModel(BertPreTrainedModel):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """BERT with the MLM head; the decoder weight is the word embedding (tied, one tensor).
+    """BERT with the MLM head; the decoder weight is the word embedding (tied, one tensor) unless
+    ``config.tie_word_embeddings`` is False.
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, return_logits=None)`` ->
     ``MaskedLMOutput`` (see there for what ``logits`` holds with and without labels). ``labels`` ``[B, S]``
@@ -489,6 +494,8 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     @property
     def decoder_weight(self) -> Tensor:
+        if self.head.decoder is not None:
+            return self.head.decoder.weight
         return self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

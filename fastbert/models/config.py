@@ -51,6 +51,8 @@ class BertConfig:
         pad_vocab_size_multiple: the embedding / decoder has ``padded_vocab_size`` rows (vocab rounded up to
             this multiple, for matmul-friendly shapes); 1 disables padding (needed to reproduce HF losses).
         hidden_act: ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        tie_word_embeddings: the MLM decoder is the word embedding (default); False gives the head its own
+            ``head.decoder`` weight (for converted checkpoints whose decoder is untied).
         local_attention_window: None (default: every layer attends globally, MosaicBERT) or the total width
             of the local attention window in tokens, ModernBERT's ``local_attention``: a local layer's
             query i sees keys ``i - w // 2 .. i + w // 2`` (``window_size = (w // 2, w // 2)``).
@@ -106,6 +108,7 @@ class BertConfig:
     mlm_head: str = "sparse"
     embedding_layer_norm: bool = True
     fp32_layer_norm: bool = False
+    tie_word_embeddings: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used)
 
     def __post_init__(self):

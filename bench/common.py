@@ -30,7 +30,11 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 # FASTBERT_BENCH_SMOKE=1 forces smoke mode on a GPU machine too (a quick check that the suite runs).
 SMOKE = (not HAS_GPU) or os.environ.get("FASTBERT_BENCH_SMOKE", "0") == "1"
+# FASTBERT_BENCH_CPU=1: bench/test_bench_cpu.py measures on the CPU (the other files keep their mode).
+CPU_BENCH = os.environ.get("FASTBERT_BENCH_CPU", "0") == "1"
 MODE = "smoke" if SMOKE else "gpu"
+if CPU_BENCH and not HAS_GPU:
+    MODE = "cpu"
 DEVICE = torch.device("cuda" if (HAS_GPU and not SMOKE) else "cpu")
 DTYPE = torch.bfloat16
 
@@ -372,7 +376,8 @@ def env_info() -> dict:
     import platform
     info = {"mode": MODE, "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "device": DEVICE.type,
-            "command": " ".join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:])}
+            "command": " ".join([f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTBERT_BENCH")]
+                                + [os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:])}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -386,4 +391,18 @@ def env_info() -> dict:
                      "l2_bytes": getattr(p, "L2_cache_size", None)})
     else:
         info["gpu"] = None
+    info["cpu"], info["cpu_count"] = cpu_name(), os.cpu_count()
     return info
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), or what ``platform`` knows."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

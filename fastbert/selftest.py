@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     print(f"fastbert {fastbert.__version__}, torch {torch.__version__}, device {dev}"
           + (" (Triton under the interpreter)" if _INTERPRET else ""))
     print(fastbert.backends(dev))
-    names = ["torch", "triton", "cuda"] + (["cuda_host"] if args.cuda_host else [])
+    names = ["torch", "cpu", "triton", "cuda"] + (["cuda_host"] if args.cuda_host else [])
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     rows, failed = [], 0
     for fam in CASES:

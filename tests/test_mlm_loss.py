@@ -23,9 +23,9 @@ from fastbert.testing import assert_close, double_or_none as _d, poisoned_alloca
 
 HAS_GPU = torch.cuda.is_available()
 _no_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the cuda_host backend")
-BACKENDS = [pytest.param("torch"), pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx),
+BACKENDS = [pytest.param("torch"), pytest.param("cpu"), pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx),
             pytest.param("cuda", marks=pytest.mark.gpu)]
-ROW_KERNELS = [pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx),
+ROW_KERNELS = [pytest.param("cpu"), pytest.param("triton"), pytest.param("cuda_host", marks=_no_gxx),
                pytest.param("cuda", marks=pytest.mark.gpu)]
 
 

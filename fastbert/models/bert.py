@@ -155,16 +155,21 @@ class BertEmbeddings(nn.Module):
         self.norm = make_layer_norm(config) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        """``[B, S]`` ids -> ``[B, S, H]`` (positions 0..S-1), or ``[T]`` ids of unpadded tokens with their
+        ``position_ids`` ``[T]`` (used by learned and sinusoidal positions) -> ``[T, H]``."""
         emb = self.word_embeddings(input_ids)
         if token_type_ids is None:
             emb = emb + self.token_type_embeddings.weight[0]
         else:
             emb = emb + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
-            emb = emb + self.position_embeddings.weight[: input_ids.shape[1]]
+            emb = emb + (self.position_embeddings.weight[: input_ids.shape[1]] if position_ids is None
+                         else self.position_embeddings(position_ids))
         elif hasattr(self, "position_scale"):
-            emb = emb + self.position_scale * self.sinusoid[: input_ids.shape[1]]
+            table = self.sinusoid[: input_ids.shape[1]] if position_ids is None else self.sinusoid[position_ids]
+            emb = emb + self.position_scale * table
         return self.dropout(emb if self.norm is None else self.norm(emb))
 
 
@@ -430,12 +435,17 @@ class BertModel(BertPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones((B, S), dtype=torch.bool, device=input_ids.device)
         mask = attention_mask.bool()
-        h = self.embeddings(input_ids, token_type_ids)
         if self.config.attention_impl == "unpadded":
-            x, indices, cu_seqlens, max_seqlen = _ops.unpad_input(h, mask)  # host sync: max_seqlen
+            # Unpad the ids, not the embeddings: the embedding sum, its LayerNorm and dropout (and their
+            # backward) then run on real tokens only.
+            indices, cu_seqlens, max_seqlen = _ops.unpad_indices(mask)  # host sync: T and max_seqlen
+            ids, types = (None if t is None else t.reshape(-1).index_select(0, indices)
+                          for t in (input_ids, token_type_ids))
+            x = self.embeddings(ids, types, position_ids=indices % S)
             for layer in self.layers:
                 x = layer(x, cu_seqlens, max_seqlen)
         else:
+            h = self.embeddings(input_ids, token_type_ids)
             for layer in self.layers:
                 h = layer(h, attention_mask=mask)
             x, indices, cu_seqlens, max_seqlen = _ops.unpad_input(h, mask)

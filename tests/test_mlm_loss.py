@@ -30,7 +30,7 @@ ROW_KERNELS = [pytest.param("cpu"), pytest.param("triton"), pytest.param("cuda_h
 
 
 def _device(backend):
-    return "cpu" if backend == "cuda_host" or not HAS_GPU else "cuda"
+    return "cpu" if backend in ("cuda_host", "cpu") or not HAS_GPU else "cuda"
 
 
 def _row_kernel(backend):
@@ -39,6 +39,9 @@ def _row_kernel(backend):
         return triton_ce_rows
     if backend == "cuda_host":
         from fastbert.cuda_host_backend import cross_entropy_rows
+        return cross_entropy_rows
+    if backend == "cpu":
+        from fastbert.cpu_backend import cross_entropy_rows
         return cross_entropy_rows
     import fastbert.cuda_backend as C
     if C.why_not("cuda"):

@@ -11,6 +11,9 @@ tensor-core instructions (``mma`` / ``wgmma`` in PTX, ``HMMA`` / ``HGMMA`` in SA
 vector widths (``ld.global.v4`` etc. vs scalar), and the theoretical occupancy that registers, shared
 memory and threads allow on an A100 (sm_80) / H100 (sm_90). It prints a Markdown table and writes JSON
 (default ``bench/results/compile-report.json``). This is compile-time evidence, not measured speed.
+Every record also carries ``facts`` (``bench.perf_static.kernel_facts``: main-loop instructions, tensor-core
+work, async copies, shared-memory wavefronts), the input of ``bench.perf_model``; ``collect()`` is the
+compile step both use.
 
 Exit status 1, naming each offending kernel, when:
 
@@ -67,7 +70,9 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
-REPORT_VERSION = "1"
+from bench.perf_static import FACTS_VERSION, kernel_facts
+
+REPORT_VERSION = "2"  # 2: SASS / PTX facts for bench.perf_model in every record
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JSON = os.path.join(ROOT, "bench", "results", "compile-report.json")
 ARCHS = ("sm_80", "sm_90a")
@@ -257,7 +262,7 @@ def _cache_put(key: str, value) -> None:
 
 
 def _hash(*parts) -> str:
-    h = hashlib.sha256(REPORT_VERSION.encode())
+    h = hashlib.sha256((REPORT_VERSION + FACTS_VERSION).encode())
     for p in parts:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\0")
@@ -401,6 +406,7 @@ def compile_triton(label: str, spec: dict, arch: str, use_cache: bool) -> dict:
     result["smem_dynamic"] = int(getattr(meta, "shared", 0) or 0)
     result["ptx"] = ptx_stats(ck.asm["ptx"])
     result["sass"] = sass_stats(sass) if sass else None
+    result["facts"] = kernel_facts(sass, ck.asm["ptx"])
     result["compile_s"] = round(time.time() - t0, 2)
     _cache_put(key, result)
     rec.update(result)
@@ -481,7 +487,8 @@ def compile_cuda_file(path: str, arch: str, nvcc: str, use_cache: bool) -> List[
                 for g in m.groups():
                     threads *= int(g) if g else 1
             kernels[mangled] = {**res, "ptx": ptx_stats(body), "sass": sass_stats(sass[mangled]) if mangled in sass
-                                else None, "maxntid": threads if m else None,
+                                else None, "facts": kernel_facts(sass.get(mangled), body),
+                                "maxntid": threads if m else None,
                                 "dynamic_smem_used": any(re.search(rf"\b{re.escape(x)}\b", body) for x in extern_smem)}
         cached = {"kernels": kernels, "compile_s": round(time.time() - t0, 2)}
         _cache_put(key, cached)
@@ -635,43 +642,21 @@ def summary_markdown(recs: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.compile_report",
-                                 description="Compile every Triton and CUDA kernel for sm_80 / sm_90a and check "
-                                             "registers, spills, shared memory, tensor cores and vector loads.")
-    ap.add_argument("--arch", default=",".join(ARCHS), help="comma-separated: sm_80,sm_90a")
-    ap.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the JSON (default {DEFAULT_JSON}); "
-                    "the Markdown table goes beside it (.md)")
-    ap.add_argument("--triton-module", action="append", default=[],
-                    help="extra Triton module (dotted name or .py path) with compile_specs(); repeatable")
-    ap.add_argument("--csrc-dir", action="append", default=[], help="extra directory of .cu files; repeatable")
-    ap.add_argument("--no-default-triton", action="store_true", help="skip kernels/*.py")
-    ap.add_argument("--no-default-csrc", action="store_true", help="skip csrc/*.cu")
-    ap.add_argument("--no-cache", action="store_true", help="recompile everything")
-    ap.add_argument("--jobs", type=int, default=2, help="parallel nvcc compiles (default 2)")
-    args = ap.parse_args(argv)
-
-    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    bad = [a for a in archs if a not in LIMITS]
-    if bad:
-        ap.error(f"--arch: unsupported {bad}; expected some of {list(LIMITS)}")
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
-        print("error: triton was imported under TRITON_INTERPRET=1; run the report in its own process",
-              file=sys.stderr)
-        return 2
+def collect(archs: List[str], default_triton: bool = True, triton_modules_extra: Optional[List[str]] = None,
+            default_csrc: bool = True, csrc_dirs: Optional[List[str]] = None, use_cache: bool = True,
+            jobs: int = 2) -> Tuple[List[dict], List[str], Optional[str]]:
+    """Compile every kernel for ``archs`` (cached by source hash): ``(records, failures, nvcc path)``.
+    Each record carries the rule checks (``problems``) and the SASS / PTX ``facts`` of bench.perf_static."""
     # The report compiles for real GPUs; the interpreter (set by test setups) would hand us no JITFunction.
     os.environ.pop("TRITON_INTERPRET", None)
-    use_cache = not args.no_cache
-    t0 = time.time()
     recs: List[dict] = []
     failures: List[str] = []
-
     cu_files = []
-    dirs = ([] if args.no_default_csrc else [os.path.join(ROOT, "csrc")]) + args.csrc_dir
+    dirs = ([os.path.join(ROOT, "csrc")] if default_csrc else []) + list(csrc_dirs or [])
     for d in dirs:
         cu_files += sorted(p for p in glob.glob(os.path.join(d, "*.cu")))
     nvcc = find_nvcc() if cu_files else None
-    pool = cf.ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, jobs))
     futures = {}
     if cu_files and nvcc is None:
         failures.append("nvcc not found (set NVCC or CUDA_HOME): the CUDA kernels were not compiled")
@@ -681,7 +666,7 @@ def main(argv=None) -> int:
                 futures[pool.submit(compile_cuda_file, p, a, nvcc, use_cache)] = (p, a)
 
     # Triton compiles run in this thread while nvcc runs in the pool.
-    for label, mod in triton_modules(not args.no_default_triton, args.triton_module):
+    for label, mod in triton_modules(default_triton, list(triton_modules_extra or [])):
         if isinstance(mod, Exception):
             recs.append({"source": "triton", "module": label, "name": label, "kernel": "", "config": "",
                          "arch": archs[0], "error": f"import failed: {type(mod).__name__}: {mod}"})
@@ -710,6 +695,36 @@ def main(argv=None) -> int:
     for r in recs:
         for prob in r["problems"]:
             failures.append(f"{r['module']}: {r['name']} [{r['arch']}]: {prob}")
+    return recs, failures, nvcc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.compile_report",
+                                 description="Compile every Triton and CUDA kernel for sm_80 / sm_90a and check "
+                                             "registers, spills, shared memory, tensor cores and vector loads.")
+    ap.add_argument("--arch", default=",".join(ARCHS), help="comma-separated: sm_80,sm_90a")
+    ap.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the JSON (default {DEFAULT_JSON}); "
+                    "the Markdown table goes beside it (.md)")
+    ap.add_argument("--triton-module", action="append", default=[],
+                    help="extra Triton module (dotted name or .py path) with compile_specs(); repeatable")
+    ap.add_argument("--csrc-dir", action="append", default=[], help="extra directory of .cu files; repeatable")
+    ap.add_argument("--no-default-triton", action="store_true", help="skip kernels/*.py")
+    ap.add_argument("--no-default-csrc", action="store_true", help="skip csrc/*.cu")
+    ap.add_argument("--no-cache", action="store_true", help="recompile everything")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel nvcc compiles (default 2)")
+    args = ap.parse_args(argv)
+
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    bad = [a for a in archs if a not in LIMITS]
+    if bad:
+        ap.error(f"--arch: unsupported {bad}; expected some of {list(LIMITS)}")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: triton was imported under TRITON_INTERPRET=1; run the report in its own process",
+              file=sys.stderr)
+        return 2
+    t0 = time.time()
+    recs, failures, nvcc = collect(archs, not args.no_default_triton, args.triton_module,
+                                   not args.no_default_csrc, args.csrc_dir, not args.no_cache, args.jobs)
 
     import platform
     meta = {"archs": archs, "limits": {a: LIMITS[a] for a in archs}, "seconds": round(time.time() - t0, 1),
@@ -729,7 +744,9 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "kernels": recs, "failures": failures}, f, indent=1, default=str)
+            # the SASS / PTX facts stay in the cache and in bench/results/perf-model.json (the model's input)
+            slim = [{k: v for k, v in r.items() if k != "facts"} for r in recs]
+            json.dump({"meta": meta, "kernels": slim, "failures": failures}, f, indent=1, default=str)
         md = os.path.splitext(args.json)[0] + ".md"
         with open(md, "w") as f:  # the table as the README quotes it, with what produced it
             f.write(f"Compile-time evidence, not measured speed: `{meta['command']}` (triton {meta['triton']}, "
@@ -738,9 +755,14 @@ def main(argv=None) -> int:
             for msg in failures:
                 f.write(f"\n- FAIL {msg}")
         print(f"wrote {args.json} and {md}")
-    if failures:
-        print(f"\n{len(failures)} problem(s):", file=sys.stderr)
-        for msg in failures:
+    return exit_status(failures)
+
+
+def exit_status(problems: List[str]) -> int:
+    """Print each problem as ``FAIL ...`` on stderr (what the tests grep for); 1 if there are any."""
+    if problems:
+        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
+        for msg in problems:
             print(f"  FAIL {msg}", file=sys.stderr)
         return 1
     return 0

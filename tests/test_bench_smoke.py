@@ -37,7 +37,8 @@ def test_bench_suite_smoke_and_report(tmp_path):
     rows = [b["extra_info"] for b in data["benchmarks"]]
     assert rows and not any(r["timed"] for r in rows)
     ops = {r["op"] for r in rows}
-    assert {"attention", "layer_norm", "bias_gelu", "geglu", "mlm_loss", "unpad", "pad", "copy", "matmul"} <= ops
+    assert {"attention", "layer_norm", "bias_gelu", "geglu", "mlm_loss", "unpad", "pad", "copy", "matmul",
+            "hf_encoder"} <= ops
     # Providers that cannot run are recorded with a reason, not dropped (no CUDA extension in smoke mode).
     assert any(m["provider"] == "fastbert-cuda" and m["reason"] for m in fb["missing"])
 

@@ -73,8 +73,9 @@ def test_overrides_and_precedence():
     assert s["mnli"]["lr"] == 5e-5 and s["mnli"]["epochs"] == 3  # other tasks keep the recipe
     assert s["cola"]["seeds"] == [19]  # global seeds=1 beats CoLA's 5
     assert s["mrpc"]["seeds"] == [3, 5, 7]  # a task override beats the global one
-    assert s["mnli"]["max_seq_len"] == 256 and s["cola"]["batch_size"] == 16 and s["mnli"]["batch_size"] == 32
-    assert glue.resolve_settings(["stsb"], None)["stsb"]["seeds"] == [19, 20, 21, 22, 23]
+    assert s["mnli"]["max_seq_len"] == 256 and s["cola"]["batch_size"] == 32 and s["mnli"]["batch_size"] == 48
+    assert glue.resolve_settings(["stsb"], None)["stsb"]["seeds"] == [19, 8364, 717, 10536, 90166]
+    assert glue.resolve_settings(["stsb"], {"seeds": 2})["stsb"]["seeds"] == [19, 20]  # a count: seed, seed+1
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -182,7 +183,7 @@ def test_qqp_qnli_fixtures_run_and_report_skips(fixture_ckpt, tmp_path):
 
 
 @needs_real
-def test_end_to_end_sst2_rte_real_data(tmp_path):
+def test_end_to_end_sst2_rte_real_data(tmp_path, capsys):
     """The issue's acceptance run: a tiny random fastbert checkpoint finetuned on SST-2 and RTE subsets."""
     ckpt = _fastbert_ckpt(tmp_path / "ckpt", REAL_VOCAB)
     out = tmp_path / "glue"
@@ -194,6 +195,8 @@ def test_end_to_end_sst2_rte_real_data(tmp_path):
         assert r["seeds"][0]["eval_examples"] == {"dev": 40}
     assert res["tasks"]["rte"]["num_seeds"] == 2 and res["model_kind"] == "fastbert"
     assert (out / "results.json").is_file() and "| sst2 |" in (out / "results.md").read_text()
+    assert capsys.readouterr().err.count("WARNING: rte starts from the pretrained encoder") == 1  # no MNLI ran
+    assert res["glue_score_mosaicbert"] is not None and "MNLI-m" in res["score_definitions"]["mosaicbert"]
 
 
 def test_hugging_face_checkpoint(tmp_path):

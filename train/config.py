@@ -44,6 +44,9 @@ def expand_path(p: str) -> str:
 class ModelSection:
     preset: str = "tiny"                     # a BertConfig preset: tiny, mini, base, large (+ "-baseline")
     overrides: Dict[str, Any] = field(default_factory=dict)  # BertConfig fields, e.g. {hidden_size: 256}
+    # BertConfig fields GLUE finetuning applies to this checkpoint (saved in its config.json), e.g. dropout
+    # back on for a recipe that pretrains without it (Cramming)
+    finetune_overrides: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +67,11 @@ class DataSection:
     cache_dir: str = ""                      # tokenized shards; "" = $FASTBERT_CACHE or ~/.cache/fastbert
     num_workers: int = 2                     # tokenizer processes
     shard_tokens: int = 1 << 24              # tokens per shard file (uint16: 32 MiB)
+    sequence_mode: str = "document"          # truncate (MosaicBERT) | document (whole sentences) | concat (Cramming)
+    streaming: bool = False                  # read data.train through datasets streaming, tokenized on the fly (C4)
+    stream_chunk_documents: int = 4096       # streaming: documents read, tokenized and shuffled together
+    valid_hub_split: str = "validation"      # split of a hub dataset given as data.valid
+    tokenizer_documents: int = 0             # tokenizer: train reads this many documents (0 = max_documents)
 
 
 @dataclass
@@ -71,10 +79,12 @@ class OptimSection:
     lr: float = 5e-4                         # peak learning rate
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    weight_decay: float = 1e-5               # decoupled (AdamW); never on biases or LayerNorm
+    weight_decay: float = 1e-5               # decoupled: each step multiplies weights by 1 - weight_decay * lr_t / lr
+    decay_all_parameters: bool = True        # also decay biases and LayerNorm (MosaicBERT); false: matrices only
     warmup: float = 0.06                     # fraction of the budget spent warming up linearly
+    initial_lr_ratio: float = 0.0            # the warmup starts at lr * initial_lr_ratio (Cramming's triangle: 0.25)
     final_lr_ratio: float = 0.02             # the linear decay ends at lr * final_lr_ratio
-    grad_clip: float = 1.0                   # max global grad norm (0 = off)
+    grad_clip: float = 0.0                   # max global grad norm (0 = off)
 
 
 @dataclass
@@ -87,6 +97,8 @@ class PretrainConfig:
     max_steps: int = 0
     max_minutes: float = 0.0                 # wall-clock minutes of training (evaluation excluded)
     global_batch_size: int = 64              # sequences per optimizer step, over all ranks
+    batch_size_ramp: float = 0.0             # grow the batch linearly from one micro-batch per rank to
+                                             # global_batch_size over this fraction of the budget (Cramming: 0.6)
     micro_batch_size: int = 32               # sequences per forward pass on one rank
     seed: int = 1234
     device: str = "auto"                     # auto | cpu | cuda
@@ -120,6 +132,20 @@ class PretrainConfig:
                              f"{self.data.eval_mlm_probability}")
         if not 0.0 <= self.optim.warmup < 1.0:
             raise ValueError(f"optim.warmup: expected a fraction in [0, 1), got {self.optim.warmup}")
+        for name in ("initial_lr_ratio", "final_lr_ratio"):
+            if not 0.0 <= getattr(self.optim, name) <= 1.0:
+                raise ValueError(f"optim.{name}: expected a fraction in [0, 1], got {getattr(self.optim, name)}")
+        if self.optim.lr <= 0 or self.optim.weight_decay < 0 or self.optim.grad_clip < 0:
+            raise ValueError(f"optim: expected lr > 0, weight_decay >= 0 and grad_clip >= 0, got lr="
+                             f"{self.optim.lr}, weight_decay={self.optim.weight_decay}, grad_clip={self.optim.grad_clip}")
+        if not 0.0 <= self.batch_size_ramp < 1.0:
+            raise ValueError(f"batch_size_ramp: expected a fraction of the budget in [0, 1), got {self.batch_size_ramp}")
+        from .packing import check_mode
+        check_mode(self.data.sequence_mode)
+        from fastbert.models import BertConfig
+        unknown = sorted(set(self.model.finetune_overrides) - {f.name for f in dataclasses.fields(BertConfig)})
+        if unknown:
+            raise ValueError(f"model.finetune_overrides: unknown BertConfig field(s) {unknown}")
         if len(self.optim.betas) != 2:
             raise ValueError(f"optim.betas: expected two values, got {self.optim.betas}")
         if self.precision not in ("auto", "bf16", "fp32"):

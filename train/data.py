@@ -3,12 +3,13 @@
 Pipeline
 1. ``resolve_source(spec)``: a file, a directory of ``.jsonl`` / ``.jsonl.gz`` / ``.txt`` (``.txt.gz``)
    files, or a Hugging Face hub dataset name (read through ``datasets``).
-2. ``build_or_load(...)``: documents are split into sentences, tokenized in parallel worker processes, and
-   packed greedily: consecutive sentences of one document fill a sequence ``[CLS] ... [SEP]`` of at most
-   ``max_len`` tokens (a sentence longer than that is cut). Sequences go to uint16 shard files that are
-   memory-mapped on load. The cache directory is named by a hash of (the data files' paths, sizes and mtimes,
-   or the hub dataset's fingerprint; the tokenizer's vocabulary; ``max_len``; ``max_documents``;
-   ``FORMAT_VERSION``), so a second run reuses it and any change rebuilds.
+2. ``build_or_load(...)``: documents are tokenized in parallel worker processes and turned into sequences of
+   at most ``max_len`` tokens as ``sequence_mode`` says (``train/packing.py``: ``truncate``, ``document``
+   or ``concat``). Sequences go to uint16 shard files that are memory-mapped on load. The cache directory is
+   named by a hash of (the data files' paths, sizes and mtimes, or the hub dataset's fingerprint; the
+   tokenizer's vocabulary; ``max_len``; ``max_documents``; ``sequence_mode``; ``FORMAT_VERSION``), so a
+   second run reuses it and any change rebuilds. (A hub corpus too large to tokenize up front, such as C4,
+   is read by ``train/stream.py`` instead, with ``data.streaming=true``.)
 3. ``BatchPlan`` (which sequences each rank reads at each step: a seeded permutation per epoch, rank
    slices without overlap, a pure function of the step so a resumed run reads exactly what it would have),
    ``collate`` (pad to the longest sequence) and ``mask_tokens`` (dynamic MLM masking, 80/10/10).
@@ -31,7 +32,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import struct
 import zlib
@@ -40,17 +40,43 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from .packing import (MIN_SEQ_TOKENS, ConcatPacker, check_mode, docs_to_sequences, pack_document,  # noqa: F401
+                      split_sentences, to_arrays)
+
 FORMAT_VERSION = 1
 MAGIC = b"FBTOKSH1"
 _HEADER = struct.Struct("<8sIIQQI")
 HEADER_BYTES = 64
-MIN_SEQ_TOKENS = 8           # shorter leftovers (a document's last few words) are dropped
 DOCS_PER_TASK = 64           # documents per tokenizer work item
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".txt.gz")
 
 
 class ShardError(RuntimeError):
     """A token shard that is truncated, corrupted, or not a shard at all."""
+
+
+class HubUnavailableError(ConnectionError):
+    """A Hugging Face hub dataset could not be opened: the machine is offline or the hub unreachable."""
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` switches the hub off."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_hub_dataset(arg: str, name: str, *args, **kwargs):
+    """``datasets.load_dataset(name, *args, **kwargs)``; a connection failure becomes a
+    :class:`HubUnavailableError` naming ``arg`` (the config key), the dataset, why, and what to do."""
+    import datasets  # only for hub data
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except ConnectionError as e:
+        why = ("offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and the dataset is not cached"
+               if hub_offline() else f"the Hugging Face hub is unreachable ({e})")
+        raise HubUnavailableError(
+            f"{arg}: cannot open the hub dataset {name!r}: {why}. Run once with network access (the stream "
+            "needs it throughout for C4), or point it at local JSON Lines files.") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +132,8 @@ def iter_documents(source: Source, text_field: str = "text", max_documents: int 
     blank lines. JSON Lines: one document a line, text in ``text_field``."""
     n = 0
     if source.kind == "hub":
-        import datasets  # only for hub data; never in tests
-        ds = datasets.load_dataset(source.name, source.config or None, split=source.split, streaming=True)
+        ds = load_hub_dataset("data.train (--data)", source.name, source.config or None, split=source.split,
+                              streaming=True)
         for row in ds:
             if text_field not in row:
                 raise KeyError(f"hub dataset {source.name!r}: no column {text_field!r} (data.text_field)")
@@ -152,65 +178,23 @@ def iter_documents(source: Source, text_field: str = "text", max_documents: int 
 
 
 # ----------------------------------------------------------------------------------------------
-# Sentence splitting and packing
-
-# A sentence ends at . ! or ? followed by space and an upper-case letter, digit or opening quote/bracket.
-# Crude (abbreviations split), but only packing depends on it: sequences are runs of whole sentences.
-_SENT_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
-
-
-def split_sentences(doc: str) -> List[str]:
-    out = []
-    for para in doc.split("\n"):
-        para = para.strip()
-        if para:
-            out.extend(s for s in _SENT_END.split(para) if s.strip())
-    return out
-
-
-def pack_document(sentences: List[List[int]], max_len: int, cls_id: int, sep_id: int) -> List[List[int]]:
-    """Greedy packing of one document's tokenized sentences into ``[CLS] s1 s2 ... [SEP]`` of at most
-    ``max_len`` tokens; a sentence that does not fit in an empty sequence is cut into pieces."""
-    room = max_len - 2
-    seqs: List[List[int]] = []
-    cur: List[int] = []
-    for sent in sentences:
-        if cur and len(cur) + len(sent) > room:
-            seqs.append(cur)
-            cur = []
-        cur = cur + sent
-        while len(cur) > room:
-            seqs.append(cur[:room])
-            cur = cur[room:]
-    if cur:
-        seqs.append(cur)
-    return [[cls_id] + s + [sep_id] for s in seqs if len(s) + 2 >= MIN_SEQ_TOKENS]
-
+# Tokenizer workers (the sequence modes live in train/packing.py)
 
 # Worker state (one tokenizer per process, built once by the pool initializer).
 _W: Dict = {}
 
 
-def _worker_init(tok_json: str, lowercase: bool, max_len: int) -> None:
+def _worker_init(tok_json: str, lowercase: bool, max_len: int, mode: str = "document") -> None:
     from .tokenizer import WordPiece
     _W["tok"] = WordPiece.from_str(tok_json, lowercase)
     _W["max_len"] = max_len
+    _W["mode"] = mode
 
 
 def _tokenize_docs(docs: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """Documents -> (tokens uint16 [n_tokens], lengths int64 [n_seqs]) of the packed sequences."""
-    tok = _W["tok"]
-    per_doc = [split_sentences(d) for d in docs]
-    flat = [s for sents in per_doc for s in sents]
-    ids = tok.encode_batch(flat) if flat else []
-    seqs: List[List[int]] = []
-    i = 0
-    for sents in per_doc:
-        seqs.extend(pack_document(ids[i:i + len(sents)], _W["max_len"], tok.cls_id, tok.sep_id))
-        i += len(sents)
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.uint16, count=int(lengths.sum()))
-    return tokens, lengths
+    """Documents -> (tokens uint16 [n_tokens], lengths int64 [n_seqs]): finished sequences, or per-document
+    streams in concat mode (the parent cuts those into blocks, in order, across work items)."""
+    return to_arrays(docs_to_sequences(_W["tok"], docs, _W["mode"], _W["max_len"]))
 
 
 def _chunks(it: Iterable[str], n: int) -> Iterator[List[str]]:
@@ -323,30 +307,31 @@ def default_cache_root() -> str:
 
 
 def cache_key(source: Source, tokenizer_fingerprint: str, max_len: int, max_documents: int,
-              text_field: str) -> str:
+              text_field: str, sequence_mode: str = "document") -> str:
     blob = json.dumps({"source": source.identity(), "tokenizer": tokenizer_fingerprint, "max_len": max_len,
-                       "max_documents": max_documents, "text_field": text_field,
+                       "max_documents": max_documents, "text_field": text_field, "mode": sequence_mode,
                        "version": FORMAT_VERSION, "min_seq": MIN_SEQ_TOKENS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def build_or_load(source: Source, tokenizer, max_len: int, cache_root: str = "", max_documents: int = 0,
                   text_field: str = "text", num_workers: int = 2, shard_tokens: int = 1 << 24,
-                  log=print) -> TokenDataset:
+                  log=print, sequence_mode: str = "document") -> TokenDataset:
     """Tokenize ``source`` into the cache (once) and return the memory-mapped dataset.
 
     Reuses ``<cache_root>/tokens-<key>`` when its manifest exists; otherwise builds it in a temporary
     directory and renames it into place, so a crash mid-build leaves no half cache behind.
     """
     cache_root = cache_root or default_cache_root()
-    key = cache_key(source, tokenizer.fingerprint, max_len, max_documents, text_field)
+    key = cache_key(source, tokenizer.fingerprint, max_len, max_documents, text_field, check_mode(sequence_mode))
     final = os.path.join(cache_root, f"tokens-{key}")
     if os.path.isfile(os.path.join(final, "manifest.json")):
         ds = TokenDataset(final)
         log(f"data: reusing tokenized cache {final} ({len(ds):,} sequences, {ds.n_tokens:,} tokens)")
         return ds
     what = ", ".join(source.files) if source.kind == "files" else f"hub:{source.name}"
-    log(f"data: tokenizing {what} -> {final} (max_len={max_len}, {num_workers} worker(s))")
+    log(f"data: tokenizing {what} -> {final} (max_len={max_len}, sequence_mode={sequence_mode}, "
+        f"{num_workers} worker(s))")
     os.makedirs(cache_root, exist_ok=True)
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -372,7 +357,8 @@ def build_or_load(source: Source, tokenizer, max_len: int, cache_root: str = "",
             yield d
 
     docs = _chunks(counted(iter_documents(source, text_field, max_documents)), DOCS_PER_TASK)
-    init_args = (tokenizer.to_str(), tokenizer.lowercase, max_len)
+    init_args = (tokenizer.to_str(), tokenizer.lowercase, max_len, sequence_mode)
+    packer = ConcatPacker(max_len) if sequence_mode == "concat" else None
     if num_workers > 1:
         import multiprocessing as mp
         # Workers tokenize; the Rust tokenizer's own thread pool would fight them for the cores (and
@@ -387,6 +373,9 @@ def build_or_load(source: Source, tokenizer, max_len: int, cache_root: str = "",
         results = map(_tokenize_docs, docs)
     try:
         for toks, lens in results:
+            if packer is not None:  # blocks cut in document order, across work items
+                blocks = packer.feed(toks)
+                toks, lens = blocks.reshape(-1), np.full(len(blocks), max_len, dtype=np.int64)
             pend_t.append(toks)
             pend_l.append(lens)
             pend_n += len(toks)
@@ -398,6 +387,7 @@ def build_or_load(source: Source, tokenizer, max_len: int, cache_root: str = "",
             pool.terminate()
             pool.join()
     manifest = {"version": FORMAT_VERSION, "key": key, "source": source.identity(), "max_len": max_len,
+                "sequence_mode": sequence_mode,
                 "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                 "n_documents": n_docs, "n_seqs": sum(s["n_seqs"] for s in shards),
                 "n_tokens": sum(s["n_tokens"] for s in shards), "shards": shards}
@@ -449,8 +439,14 @@ class BatchPlan:
 
     def indices(self, step: int) -> np.ndarray:
         """Sequence indices [per_rank] of this rank at ``step``."""
-        start = step * self.global_batch + self.rank * self.per_rank
-        pos = np.arange(start, start + self.per_rank, dtype=np.int64)
+        return self.indices_at(step * self.global_batch, self.global_batch)
+
+    def indices_at(self, start: int, global_n: int) -> np.ndarray:
+        """This rank's sequence indices ``[global_n / world]`` for the global positions ``[start, start +
+        global_n)`` (a batch-size ramp changes ``global_n`` from step to step)."""
+        per_rank = global_n // self.world
+        first = start + self.rank * per_rank
+        pos = np.arange(first, first + per_rank, dtype=np.int64)
         out = np.empty_like(pos)
         for e in np.unique(pos // self.n):
             sel = pos // self.n == e

@@ -15,6 +15,7 @@ import numpy as np
 __all__ = [
     "accuracy", "f1_binary", "matthews_corr", "pearson", "spearman", "rankdata_average",
     "METRICS", "TASK_METRICS", "GLUE_TASKS", "task_metrics", "task_score", "glue_score",
+    "SCORE_DEFINITIONS", "PAPER_TASK_METRIC", "paper_glue_score",
 ]
 
 
@@ -146,3 +147,28 @@ def glue_score(scores: Mapping[str, float]) -> tuple[float | None, list[str]]:
     if not present:
         return None, missing
     return float(np.mean([scores[t] for t in present])), missing
+
+
+# Two GLUE scores, named side by side in every results table:
+SCORE_DEFINITIONS: dict[str, str] = {
+    "glue": ("GLUE leaderboard metrics: per task the mean of its metrics (CoLA Matthews corr.; SST-2, QNLI, RTE "
+             "accuracy; MRPC and QQP F1 and accuracy; STS-B Pearson and Spearman; MNLI matched and mismatched "
+             "accuracy), median over seeds, averaged over the 8 tasks (WNLI excluded, as in BERT)"),
+    "mosaicbert": ("MosaicBERT paper (Portes et al. 2023, section 3; the finetuning code's metrics): MNLI-m "
+                   "accuracy; QNLI, QQP, RTE, SST-2, MRPC accuracy; CoLA Matthews corr.; STS-B Spearman; mean "
+                   "over seeds, averaged over the 8 tasks: the number its 79.6 is"),
+}
+# The one metric per task of the MosaicBERT paper's average (names as in our results' metric dicts).
+PAPER_TASK_METRIC: dict[str, str] = {
+    "mnli": "matched_accuracy", "qnli": "accuracy", "qqp": "accuracy", "rte": "accuracy", "sst2": "accuracy",
+    "mrpc": "accuracy", "cola": "matthews_corr", "stsb": "spearman",
+}
+
+
+def paper_glue_score(per_seed: Mapping[str, Sequence[Mapping[str, float]]]) -> tuple[float | None, dict[str, float]]:
+    """The MosaicBERT paper's GLUE average from ``{task: [metrics of each seed]}``: per task the mean over seeds
+    of :data:`PAPER_TASK_METRIC`, then the mean over the GLUE tasks present. Returns (score or None, per-task
+    values)."""
+    tasks = {t: float(np.mean([m[PAPER_TASK_METRIC[t]] for m in seeds]))
+             for t, seeds in per_seed.items() if t in PAPER_TASK_METRIC and seeds}
+    return (float(np.mean(list(tasks.values()))) if tasks else None), tasks

@@ -40,26 +40,60 @@ class TrainingDiverged(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
 
-def lr_at(frac: float, peak: float, warmup: float, final_ratio: float) -> float:
-    """Linear warmup over the first ``warmup`` fraction of the budget, then linear decay to
-    ``peak * final_ratio`` at ``frac == 1``."""
+def lr_at(frac: float, peak: float, warmup: float, final_ratio: float, initial_ratio: float = 0.0) -> float:
+    """Linear warmup from ``peak * initial_ratio`` over the first ``warmup`` fraction of the budget, then
+    linear decay to ``peak * final_ratio`` at ``frac == 1``. MosaicBERT: (0.06, 0.02, 0); 24hBERT:
+    (0.06, 0, 0); Cramming's "budget-triangle2" is (0.75, 0, 0.25): ``min(0.25 + x, 4 - 4x)``."""
     frac = min(max(frac, 0.0), 1.0)
     if warmup > 0 and frac < warmup:
-        return peak * frac / warmup
+        return peak * (initial_ratio + (1.0 - initial_ratio) * frac / warmup)
     return peak * (final_ratio + (1.0 - final_ratio) * (1.0 - frac) / (1.0 - warmup))
 
 
+def budget_fraction(step: int, elapsed_s: float, cfg: PretrainConfig, first_step_s: float) -> float:
+    """Where the schedule stands for optimizer step ``step`` (0-based): the fraction of the budget this step
+    ends at for a step budget; for a wall-clock budget, the fraction of the time after the first step that
+    has elapsed, so the first step runs at the warmup's starting LR (0 for a warmup from zero) and its
+    duration (torch.compile's compilation, CUDA start-up: minutes) does not eat the warmup. The run still
+    ends after ``max_minutes`` of training in total."""
+    if cfg.max_steps:
+        return (step + 1) / cfg.max_steps
+    if step == 0:
+        return 0.0
+    return max(elapsed_s - first_step_s, 0.0) / max(cfg.max_minutes * 60.0 - first_step_s, 1e-9)
+
+
+def batch_size_at(frac: float, cfg: PretrainConfig, world: int) -> int:
+    """Global batch of a step at budget fraction ``frac``: ``global_batch_size``, or with
+    ``batch_size_ramp = r > 0`` a linear ramp in whole micro-batches per rank, from one at ``frac = 0`` to
+    ``global_batch_size`` at ``frac = r`` (Cramming's schedule_batch_size, micro-batch x ranks as the unit)."""
+    full = cfg.global_batch_size
+    if cfg.batch_size_ramp <= 0:
+        return full
+    unit = min(cfg.micro_batch_size * world, full)
+    return min(int(frac * full / (cfg.batch_size_ramp * unit)) * unit + unit, full)
+
+
+def decoupled_to_torch(weight_decay: float, peak_lr: float) -> float:
+    """``torch.optim.AdamW`` multiplies its ``weight_decay`` by the current LR (``w *= 1 - lr_t * wd``);
+    decoupled weight decay (Loshchilov & Hutter; Composer's DecoupledAdamW, which MosaicBERT used) shrinks
+    by ``weight_decay * lr_t / lr_0``. Passing ``weight_decay / lr_0`` to torch gives exactly that."""
+    return weight_decay / peak_lr
+
+
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices and embeddings only (biases and LayerNorm gains, the
-    1-D parameters, get none: decaying them only fights the normalisation)."""
+    """AdamW with decoupled weight decay (:func:`decoupled_to_torch`): on every parameter
+    (``optim.decay_all_parameters``, as MosaicBERT's code), or on matrices and embeddings only (biases and
+    LayerNorm gains, the 1-D parameters, get none; 24hBERT and Cramming)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 or cfg.optim.decay_all_parameters else no_decay).append(p)
     o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    wd = decoupled_to_torch(o.weight_decay, o.lr)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
 
 
 def mask_seed(seed: int, step: int, micro: int) -> int:
@@ -70,9 +104,8 @@ def mask_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def make_batch(ds: D.TokenDataset, idx: np.ndarray, tok: WordPiece, prob: float, gen: torch.Generator,
-               pad_to: int = 0):
-    ids, attn = D.collate([ds[int(i)] for i in idx], tok.pad_id, pad_to)
+def make_batch(seqs: Sequence[np.ndarray], tok: WordPiece, prob: float, gen: torch.Generator, pad_to: int = 0):
+    ids, attn = D.collate(seqs, tok.pad_id, pad_to)
     inputs, labels = D.mask_tokens(ids, tok.special_ids, tok.vocab_size, tok.mask_id, prob, gen)
     return inputs, attn, labels
 
@@ -104,7 +137,7 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
 
 
 def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
-                    cfg: PretrainConfig, keep: int) -> str:
+                    cfg: PretrainConfig, keep: int, data: Optional[Dict] = None) -> str:
     """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
     place last, so a kill at any moment leaves either the complete checkpoint or none."""
     root = os.path.join(out_dir, "checkpoints")
@@ -121,7 +154,7 @@ def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: floa
                            "max_minutes": cfg.max_minutes},
              "rng": rngs,  # one entry per rank
              "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
-                      "global_batch_size": cfg.global_batch_size},
+                      "global_batch_size": cfg.global_batch_size, **(data or {})},
              "config": to_dict(cfg)}
     path = os.path.join(tmp, "trainer_state.pt")
     with open(path, "wb") as f:
@@ -137,42 +170,89 @@ def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: floa
     return final
 
 
+def prepare_tokenizer(cfg: PretrainConfig, src: D.Source, cache_root: str, dist: Dist, log) -> WordPiece:
+    """``data.tokenizer``: a vocabulary file, or ``train``: a WordPiece vocabulary trained on the first
+    ``data.tokenizer_documents`` (else ``max_documents``) training documents, cached by their identity."""
+    dc = cfg.data
+    tok_spec = expand_path(dc.tokenizer)
+    if tok_spec == "train":
+        n_docs = dc.tokenizer_documents or dc.max_documents
+        if src.kind == "hub" and not n_docs:
+            raise ValueError("data.tokenizer=train on a hub dataset: set data.tokenizer_documents (how many "
+                             "documents to train the vocabulary on)")
+        key = D.cache_key(D.Source(src.kind, src.files, src.name, src.config, src.split),
+                          f"train-{dc.train_vocab_size}-{dc.lowercase}", 0, n_docs, dc.text_field)
+        tok_path = os.path.join(cache_root, f"wordpiece-{key}", "tokenizer.json")
+        if dist.is_main and not os.path.isfile(tok_path):
+            log(f"data: training a {dc.train_vocab_size}-token WordPiece vocabulary -> {tok_path}")
+            tok = load_tokenizer("train", dc.lowercase, D.iter_documents(src, dc.text_field, n_docs),
+                                 dc.train_vocab_size)
+            tok.save(os.path.dirname(tok_path))
+        dist.barrier()
+        tok_spec = tok_path
+    return load_tokenizer(tok_spec, dc.lowercase)
+
+
 def prepare_data(cfg: PretrainConfig, dist: Dist, log):
-    """Tokenizer + tokenized train (and validation) datasets; rank 0 builds the caches, others wait."""
+    """Tokenizer, the training-sequence reader (``train/stream.py``: cached shards, or a stream with
+    ``data.streaming``) and the tokenized validation set; rank 0 builds the caches, the others wait."""
+    from .stream import ShardReader, StreamReader, open_document_stream
     dc = cfg.data
     valid_path = expand_path(dc.valid)
     src = D.resolve_source(expand_path(dc.train), exclude=[valid_path], hub_config=dc.hub_config,
                            hub_split=dc.hub_split, arg="data.train (--data)")
     cache_root = expand_path(dc.cache_dir) or D.default_cache_root()
-    tok_spec = expand_path(dc.tokenizer)
-    if tok_spec == "train":
-        # A vocabulary trained on the training data, cached by the data's identity like the shards.
-        key = D.cache_key(D.Source(src.kind, src.files, src.name, src.config, src.split),
-                          f"train-{dc.train_vocab_size}-{dc.lowercase}", 0, dc.max_documents, dc.text_field)
-        tok_path = os.path.join(cache_root, f"wordpiece-{key}", "tokenizer.json")
-        if dist.is_main and not os.path.isfile(tok_path):
-            log(f"data: training a {dc.train_vocab_size}-token WordPiece vocabulary -> {tok_path}")
-            tok = load_tokenizer("train", dc.lowercase, D.iter_documents(src, dc.text_field, dc.max_documents),
-                                 dc.train_vocab_size)
-            tok.save(os.path.dirname(tok_path))
-        dist.barrier()
-        tok_spec = tok_path
-    tok = load_tokenizer(tok_spec, dc.lowercase)
+    tok = prepare_tokenizer(cfg, src, cache_root, dist, log)
 
     def build(source, max_docs, logf):
         return D.build_or_load(source, tok, dc.max_len, cache_root, max_docs, dc.text_field, dc.num_workers,
-                               dc.shard_tokens, log=logf)
+                               dc.shard_tokens, log=logf, sequence_mode=dc.sequence_mode)
 
-    valid_src = D.resolve_source(valid_path, arg="data.valid") if valid_path else None
+    valid_src = (D.resolve_source(valid_path, hub_config=dc.hub_config, hub_split=dc.valid_hub_split,
+                                  arg="data.valid") if valid_path else None)
     train_ds = valid_ds = None
     if dist.is_main:  # build (or verify) the caches once; the other ranks open them after the barrier
-        train_ds = build(src, dc.max_documents, log)
+        train_ds = None if dc.streaming else build(src, dc.max_documents, log)
         valid_ds = build(valid_src, dc.valid_max_documents, log) if valid_src else None
     dist.barrier()
     if not dist.is_main:
-        train_ds = build(src, dc.max_documents, lambda *_: None)
+        train_ds = None if dc.streaming else build(src, dc.max_documents, lambda *_: None)
         valid_ds = build(valid_src, dc.valid_max_documents, lambda *_: None) if valid_src else None
-    return tok, train_ds, valid_ds
+    if dc.streaming:
+        name = ",".join(os.path.basename(f) for f in src.files) if src.kind == "files" else \
+            f"{src.name}/{src.config or '-'}/{src.split}"
+        reader = StreamReader(lambda: open_document_stream(src, dc.text_field, dc.max_documents, dist.rank,
+                                                           dist.world, "data.train (--data)"),
+                              tok, dc.sequence_mode, dc.max_len, cfg.seed, dist.rank, dist.world,
+                              dc.stream_chunk_documents, dc.text_field, log, name)
+    else:
+        reader = ShardReader(train_ds, D.BatchPlan(len(train_ds), cfg.global_batch_size, cfg.micro_batch_size,
+                                                   dist.rank, dist.world, cfg.seed), log)
+    return tok, reader, valid_ds
+
+
+def reader_states(reader, dist: Dist, consumed: int, first_step_s: float) -> Dict:
+    """The data position for a checkpoint: sequences consumed, every rank's reader state, the first step's
+    duration (the wall-clock schedule's offset)."""
+    states = [reader.state()]
+    if dist.enabled:
+        states = [None] * dist.world
+        torch.distributed.all_gather_object(states, reader.state())
+    return {"sequences_consumed": consumed, "readers": states, "first_step_s": first_step_s}
+
+
+def resume_reader(reader, data: Dict, dist: Dist):
+    """Put ``reader`` where a checkpoint's ``data`` left it; returns (sequences consumed, first step's s)."""
+    consumed = int(data["sequences_consumed"])
+    states = data.get("readers")
+    if states and len(states) == dist.world:
+        reader.load_state(states[dist.rank])
+    elif getattr(reader, "kind", "") == "shards":  # the shard order is global: any world size continues it
+        reader.load_state({"kind": "shards", "position": consumed})
+    else:
+        raise ValueError(f"resume: the checkpoint streamed its data on {len(states or [])} rank(s), this run has "
+                         f"{dist.world}; a stream resumes on the same number of ranks only")
+    return consumed, float(data.get("first_step_s", 0.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +297,7 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     say(f"pretrain: output -> {out_dir} (world size {dist.world}, device {device})")
 
-    tok, train_ds, valid_ds = prepare_data(cfg, dist, say)
+    tok, reader, valid_ds = prepare_data(cfg, dist, say)
 
     # --- model and optimizer (same seed on every rank: DDP also broadcasts rank 0's weights) ---
     seed_all(cfg.seed)
@@ -227,6 +307,8 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the model's max_position_embeddings "
                          f"{mcfg.max_position_embeddings}")
     mcfg.extra = {**mcfg.extra, "tokenizer": tok.fingerprint, "pretrain_max_len": cfg.data.max_len}
+    if cfg.model.finetune_overrides:  # read by train.glue when it builds a classifier on this checkpoint
+        mcfg.extra["finetune_overrides"] = dict(cfg.model.finetune_overrides)
     raw_model = BertForMaskedLM(mcfg).to(device)
     n_params = raw_model.num_parameters()
     optimizer = build_optimizer(raw_model, cfg, device)
@@ -238,7 +320,7 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         torch.backends.cudnn.allow_tf32 = True
 
     # --- resume ---
-    step, elapsed = 0, 0.0
+    step, elapsed, consumed, first_step_s = 0, 0.0, 0, 0.0
     ckpt = None
     if cfg.resume == "auto":
         ckpt = latest_checkpoint(out_dir)
@@ -255,6 +337,7 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         if state["data"]["global_batch_size"] != cfg.global_batch_size:
             say(f"warning: the checkpoint used global_batch_size {state['data']['global_batch_size']}, now "
                 f"{cfg.global_batch_size}: the data order after resuming differs from the original run's")
+        consumed, first_step_s = resume_reader(reader, state["data"], dist)
         rngs = state["rng"]
         if len(rngs) == dist.world:
             set_rng_state(rngs[dist.rank])
@@ -277,8 +360,7 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
 
-    plan = D.BatchPlan(len(train_ds), cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world,
-                       cfg.seed)
+    plan = D.BatchPlan(1, cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world, cfg.seed)
     pad_to = cfg.data.max_len if cfg.compile else 0  # static shapes for the compiler; else pad to longest
     budget_s = cfg.max_minutes * 60.0
 
@@ -292,7 +374,7 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         n_eval = min(cfg.eval_sequences, len(valid_ds))
         for i in range(0, n_eval, cfg.micro_batch_size):
             idx = np.arange(i, min(i + cfg.micro_batch_size, n_eval))
-            eval_batches.append(make_batch(valid_ds, idx, tok, cfg.data.eval_mlm_probability
+            eval_batches.append(make_batch([valid_ds[int(i)] for i in idx], tok, cfg.data.eval_mlm_probability
                                            or cfg.data.mlm_probability, g))
 
     peak = gpu_peak_flops(device)
@@ -315,7 +397,8 @@ def _train(cfg: PretrainConfig, log) -> Dict:
     budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
     say(f"model: {cfg.model.preset} {mcfg.num_hidden_layers}x{mcfg.hidden_size}, {n_params / 1e6:.2f}M params; "
         f"pos={mcfg.position_embedding_type} mlp={mcfg.mlp_type} attn={mcfg.attention_impl}")
-    say(f"train: {len(train_ds):,} sequences ({train_ds.n_tokens:,} tokens); global batch "
+    ramp = f" (ramped up over {cfg.batch_size_ramp:.0%} of the budget)" if cfg.batch_size_ramp else ""
+    say(f"train: {reader.describe()}; global batch{ramp} "
         f"{cfg.global_batch_size} = {dist.world} rank(s) x {plan.accum_steps} micro-step(s) x "
         f"{plan.micro_batch}; budget {budget}; lr {cfg.optim.lr}, masking {cfg.data.mlm_probability:.0%}; "
         f"{'bf16 autocast' if use_bf16 else 'fp32'}")
@@ -333,18 +416,20 @@ def _train(cfg: PretrainConfig, log) -> Dict:
 
     while progress(step, elapsed) < 1.0:
         t0 = time.perf_counter()
-        # The LR follows the fraction of the budget this step ends at (step+1 for a step budget).
-        frac = (step + 1) / cfg.max_steps if cfg.max_steps else elapsed / budget_s
-        lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.final_lr_ratio)
+        frac = budget_fraction(step, elapsed, cfg, first_step_s)
+        lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.final_lr_ratio, cfg.optim.initial_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        micro = plan.micro_batches(step)
+        step_batch = batch_size_at(frac, cfg, dist.world)
+        seqs = reader.take(step_batch)
+        consumed += step_batch
+        micro = [seqs[i:i + plan.micro_batch] for i in range(0, len(seqs), plan.micro_batch)]
         loss_sum = torch.zeros((), device=device)
         n_tokens = 0
         for i, idx in enumerate(micro):
-            gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * plan.accum_steps + i))
-            inputs, attn, labels = make_batch(train_ds, idx, tok, cfg.data.mlm_probability, gen, pad_to)
+            gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * len(micro) + i))
+            inputs, attn, labels = make_batch(idx, tok, cfg.data.mlm_probability, gen, pad_to)
             n_tokens += int(attn.sum())
             if device.type == "cuda":  # pinned host memory lets the copies overlap the previous step
                 inputs, attn, labels = (t.pin_memory() for t in (inputs, attn, labels))
@@ -367,6 +452,7 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         loss_val, norm_val = (float(x) for x in torch.stack([loss_sum, grad_norm.float()]).cpu())
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
             where = last_ckpt or "none written yet"
+            reader.close()
             if bar is not None:
                 bar.close()
             if metrics_f is not None:
@@ -386,6 +472,8 @@ def _train(cfg: PretrainConfig, log) -> Dict:
             torch.distributed.broadcast(t, 0)
             dt = float(t)
         elapsed += dt
+        if step == 1:
+            first_step_s = elapsed  # compilation and start-up: kept out of the schedule (budget_fraction)
         win_tokens += n_tokens
         win_time += dt
         win_loss += loss_val
@@ -400,8 +488,8 @@ def _train(cfg: PretrainConfig, log) -> Dict:
             tok_s = float(stats[1]) / max(win_time, 1e-9)
             m = mfu(n_params, tok_s / dist.world, peak)
             row = {"split": "train", "step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": norm_val,
-                   "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "epoch": step * cfg.global_batch_size
-                   / len(train_ds)}
+                   "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "batch_size": step_batch,
+                   "sequences": consumed, **reader.progress()}
             write_metrics(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
@@ -422,14 +510,16 @@ def _train(cfg: PretrainConfig, log) -> Dict:
             if dist.enabled:  # every rank's dropout RNG, so a resume continues each rank's stream
                 rngs = [None] * dist.world
                 torch.distributed.all_gather_object(rngs, rng_state())
+            data_state = reader_states(reader, dist, consumed, first_step_s)
             if dist.is_main:
                 last_ckpt = save_checkpoint(out_dir, raw_model, optimizer, step, elapsed, rngs, cfg,
-                                            cfg.keep_checkpoints)
+                                            cfg.keep_checkpoints, data_state)
                 say(f"checkpoint: {last_ckpt}")
             dist.barrier()
         if cfg.debug_step_delay_s:
             time.sleep(cfg.debug_step_delay_s)  # test knob: widen the window for a kill
 
+    reader.close()
     if bar is not None:
         bar.close()
         bar = None

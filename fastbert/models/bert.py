@@ -8,14 +8,17 @@ With ``attention_impl="padded_sdpa"`` the layers run on ``[B, S, H]`` and the re
 end, so the heads are shared.
 
 Layer (post-LN, as BERT and MosaicBERT): ``x = LN(x + drop(attn(x)))``, ``x = LN(x + drop(mlp(x)))``, the
-residual add fused into the LayerNorm op.
+residual add fused into the LayerNorm op. Pre-LN (``config.layer_norm_position="pre"``, 24hBERT / Cramming):
+``x = x + drop(attn(LN(x)))``, ``x = x + drop(mlp(LN(x)))`` and one more LayerNorm after the last layer.
 
 State-dict layout (``fastbert.patch`` maps Hugging Face BERT names onto it)::
 
     bert.embeddings.{word_embeddings, token_type_embeddings, position_embeddings (learned only), norm}
     bert.layers.{i}.attention.{Wqkv, out_proj}   bert.layers.{i}.attention_norm
     bert.layers.{i}.mlp.{wi, wo}                  bert.layers.{i}.mlp_norm
-    bert.pooler.dense (classification)            head.{dense, norm, bias} (MLM; decoder tied to word_embeddings)
+    bert.final_norm (pre-LN only)                 bert.embeddings.position_scale (sinusoidal only)
+    bert.pooler.dense (classification)            head.{dense, norm, bias} (MLM; decoder tied to word_embeddings,
+                                                  or head.decoder when config.tie_word_embeddings is False)
     classifier (classification)
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from fastbert import nn as fnn
 from fastbert import ops as _ops
 from fastbert.models.config import BertConfig
+from fastbert.models.components import make_layer_norm, sinusoidal_positions
 
 logger = logging.getLogger("fastbert")
 
@@ -142,11 +146,13 @@ class BertEmbeddings(nn.Module):
         H = config.hidden_size
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, H, padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, H)
+        self.position_embeddings = None  # ALiBi: position enters as an attention bias
         if config.position_embedding_type == "learned":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, H)
-        else:
-            self.position_embeddings = None  # ALiBi: position enters as an attention bias
-        self.norm = fnn.LayerNorm(H, eps=config.layer_norm_eps)
+        elif config.position_embedding_type == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_positions(config.max_position_embeddings, H), persistent=False)
+            self.position_scale = nn.Parameter(torch.tensor([H ** -0.5]))
+        self.norm = make_layer_norm(config) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
@@ -157,37 +163,48 @@ class BertEmbeddings(nn.Module):
             emb = emb + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
             emb = emb + self.position_embeddings.weight[: input_ids.shape[1]]
-        return self.dropout(self.norm(emb))
+        elif hasattr(self, "position_scale"):
+            emb = emb + self.position_scale * self.sinusoid[: input_ids.shape[1]]
+        return self.dropout(emb if self.norm is None else self.norm(emb))
 
 
 class BertLayer(nn.Module):
-    """One post-LN encoder layer.
+    """One encoder layer, post-LN (default) or pre-LN (``config.layer_norm_position``).
 
     ``forward(x [T, H], cu_seqlens, max_seqlen)`` (unpadded) or ``forward(x [B, S, H], attention_mask=m)``
-    (padded SDPA) -> same shape as x.
+    (padded SDPA) -> same shape as x. ``attention_norm`` / ``mlp_norm`` follow their sublayer (post-LN) or
+    precede it (pre-LN).
     """
 
     def __init__(self, config: BertConfig, layer_idx: int = 0):
         super().__init__()
         H = config.hidden_size
+        self.pre_ln = config.layer_norm_position == "pre"
         self.attention = fnn.AlibiSelfAttention(H, config.num_attention_heads,
                                                 alibi=config.position_embedding_type == "alibi",
                                                 attention_dropout=config.attention_probs_dropout_prob,
+                                                bias=config.linear_bias,
                                                 window_size=config.attention_window(layer_idx))
-        self.attention_norm = fnn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.attention_norm = make_layer_norm(config)
         self.mlp = fnn.GatedMLP(H, config.intermediate_size, gated=config.mlp_type == "glu",
-                                approximate=config.gelu_approximate)
-        self.mlp_norm = fnn.LayerNorm(H, eps=config.layer_norm_eps)
+                                approximate=config.gelu_approximate, bias=config.linear_bias)
+        self.mlp_norm = make_layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _attend(self, x: Tensor, cu_seqlens, max_seqlen, attention_mask) -> Tensor:
+        if attention_mask is not None:
+            return self.attention.forward_padded(x, attention_mask)
+        if cu_seqlens is None or max_seqlen is None:
+            raise ValueError("cu_seqlens and max_seqlen are required for unpadded input (or pass attention_mask)")
+        return self.attention(x, cu_seqlens, max_seqlen)
 
     def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                 attention_mask: Optional[Tensor] = None) -> Tensor:
-        if attention_mask is not None:
-            h = self.attention.forward_padded(x, attention_mask)
-        else:
-            if cu_seqlens is None or max_seqlen is None:
-                raise ValueError("cu_seqlens and max_seqlen are required for unpadded input (or pass attention_mask)")
-            h = self.attention(x, cu_seqlens, max_seqlen)
+        if self.pre_ln:
+            h = self._attend(self.attention_norm(x), cu_seqlens, max_seqlen, attention_mask)
+            y, x = self.mlp_norm(self.dropout(h), residual=x)  # y = LN(x + h) feeds the MLP, x the stream
+            return x + self.dropout(self.mlp(y))
+        h = self._attend(x, cu_seqlens, max_seqlen, attention_mask)
         x = self.attention_norm(self.dropout(h), residual=x)[0]
         x = self.mlp_norm(self.dropout(self.mlp(x)), residual=x)[0]
         return x
@@ -206,23 +223,40 @@ class BertPooler(nn.Module):
 
 class BertMLMHead(nn.Module):
     """The MLM prediction head: ``dense -> GELU (bias fused) -> LayerNorm`` on ``[N, H]`` rows, then the
-    decoder tied to the word embedding (passed in, never copied) with its own ``bias`` ``[padded_vocab]``."""
+    decoder tied to the word embedding (passed in, never copied) with its own ``bias`` ``[padded_vocab]``.
+    ``config.mlm_head_transform=False`` drops the transform (``dense``/``norm`` are None, rows go to the
+    decoder as they are); ``config.mlm_decoder_bias=False`` drops ``bias`` (None). With
+    ``config.tie_word_embeddings=False`` the head owns ``decoder`` (``Linear(H, padded_vocab)``, no bias)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = fnn.BiasGELU(config.gelu_approximate)
-        self.norm = fnn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
+        self.dense = self.act = self.norm = None
+        if config.mlm_head_transform:
+            self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+            self.act = fnn.BiasGELU(config.gelu_approximate)
+            self.norm = make_layer_norm(config)
+        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size)) if config.mlm_decoder_bias else None
+        self.decoder = (None if config.tie_word_embeddings else
+                        nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
         self.loss_fn = fnn.SparseMLMLoss(ignore_index=-100)
 
     def transform(self, h: Tensor) -> Tensor:
+        if self.dense is None:
+            return h
         return self.norm(self.act(F.linear(h, self.dense.weight), self.dense.bias))
 
     def logits(self, h: Tensor, weight: Tensor, vocab_size: int) -> Tensor:
         """``[N, H]`` transformed rows -> ``[N, vocab_size]`` (the padding columns are dropped)."""
         w = weight[:vocab_size]
-        return F.linear(h, w.to(h.dtype), self.bias[:vocab_size].to(h.dtype))
+        return F.linear(h, w.to(h.dtype), None if self.bias is None else self.bias[:vocab_size].to(h.dtype))
+
+    def dense_loss(self, h: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+        """Classic BERT's loss: logits ``[N, padded_vocab]`` for every row of ``h`` ``[N, H]`` (labelled or
+        not), then fp32 cross-entropy over the rows whose label is not -100 (0 when there are none)."""
+        logits = F.linear(h, weight.to(h.dtype), None if self.bias is None else self.bias.to(h.dtype))
+        ignore = self.loss_fn.ignore_index
+        total = F.cross_entropy(logits.float(), labels, ignore_index=ignore, reduction="sum")
+        return total / (labels != ignore).sum().clamp(min=1)  # no host sync; no labels -> 0, not NaN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,8 +292,10 @@ class BertPreTrainedModel(nn.Module):
                 nn.init.ones_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, BertMLMHead):
+        elif isinstance(module, BertMLMHead) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        elif isinstance(module, BertEmbeddings) and hasattr(module, "position_scale"):
+            nn.init.constant_(module.position_scale, self.config.hidden_size ** -0.5)
 
     def init_weights(self):
         self.apply(self._init_module)
@@ -380,6 +416,8 @@ class BertModel(BertPreTrainedModel):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
+        # Pre-LN leaves the residual stream unnormalised: the last layer's output needs its own LayerNorm.
+        self.final_norm = make_layer_norm(config) if config.layer_norm_position == "pre" else None
         self.pooler = BertPooler(config) if add_pooling_layer else None
         if _init:
             self.init_weights()
@@ -401,6 +439,8 @@ class BertModel(BertPreTrainedModel):
             for layer in self.layers:
                 h = layer(h, attention_mask=mask)
             x, indices, cu_seqlens, max_seqlen = _ops.unpad_input(h, mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         return _Encoded(x, indices, cu_seqlens, max_seqlen, B, S)
 
     @staticmethod
@@ -425,7 +465,8 @@ class BertModel(BertPreTrainedModel):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """BERT with the MLM head; the decoder weight is the word embedding (tied, one tensor).
+    """BERT with the MLM head; the decoder weight is the word embedding (tied, one tensor) unless
+    ``config.tie_word_embeddings`` is False.
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, return_logits=None)`` ->
     ``MaskedLMOutput`` (see there for what ``logits`` holds with and without labels). ``labels`` ``[B, S]``
@@ -443,6 +484,8 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     @property
     def decoder_weight(self) -> Tensor:
+        if self.head.decoder is not None:
+            return self.head.decoder.weight
         return self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -467,8 +510,11 @@ class BertForMaskedLM(BertPreTrainedModel):
             elif n_masked != int((labels != ignore).sum()):
                 raise ValueError(on_pads)
         masked_labels = labels_t.index_select(0, rows)
-        h = self.head.transform(enc.x.index_select(0, rows))  # only the labelled rows reach the head
-        loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias)
+        if self.config.mlm_head == "dense":
+            h, loss = self._dense_head(enc, labels, rows)
+        else:
+            h = self.head.transform(enc.x.index_select(0, rows))  # only the labelled rows reach the head
+            loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias)
         if return_logits is None:
             return_logits = not self.training
         logits = n_correct = None
@@ -477,6 +523,16 @@ class BertForMaskedLM(BertPreTrainedModel):
             n_correct = (logits.argmax(-1) == masked_labels).sum()
         return MaskedLMOutput(loss=loss, logits=logits, n_masked=n_masked, n_correct=n_correct,
                               masked_labels=masked_labels)
+
+
+    def _dense_head(self, enc: _Encoded, labels: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+        """The classic head: every position of the padded ``[B, S]`` batch goes through the transform and
+        the vocabulary projection (pads included, as Hugging Face's BERT does). Returns the transformed
+        labelled rows ``[n_masked, H]`` and the loss."""
+        h_all = _ops.pad_input(enc.x, enc.indices, enc.batch, enc.seqlen).reshape(enc.batch * enc.seqlen, -1)
+        h_all = self.head.transform(h_all)
+        loss = self.head.dense_loss(h_all, labels.reshape(-1).long(), self.decoder_weight)
+        return h_all.index_select(0, enc.indices.index_select(0, rows)), loss
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-_POSITION_TYPES = ("alibi", "learned")
+_POSITION_TYPES = ("alibi", "learned", "sinusoidal")
 _MLP_TYPES = ("glu", "mlp")
 _ATTENTION_IMPLS = ("unpadded", "padded_sdpa")
 _ACTIVATIONS = ("gelu", "gelu_tanh")
+_LN_POSITIONS = ("post", "pre")
+_MLM_HEADS = ("sparse", "dense")
 
 _SIZES: Dict[str, Dict[str, int]] = {
     # tiny/mini are for CPU runs and tests; base/large are MosaicBERT's / BERT's sizes.
@@ -26,9 +28,12 @@ _SIZES: Dict[str, Dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-# Classic BERT (Devlin et al.): learned absolute positions, GELU MLP, padded attention with dropout.
+# Classic BERT (Devlin et al.; Hugging Face's BertForMaskedLM, the baseline of the MosaicBERT paper): learned
+# absolute positions, GELU MLP, padded attention with dropout, fp32 LayerNorm, the unpadded 30,522-row
+# vocabulary and an MLM head that scores every position.
 BASELINE_OVERRIDES: Dict[str, Any] = dict(position_embedding_type="learned", mlp_type="mlp",
-                                          attention_impl="padded_sdpa", attention_probs_dropout_prob=0.1)
+                                          attention_impl="padded_sdpa", attention_probs_dropout_prob=0.1,
+                                          fp32_layer_norm=True, pad_vocab_size_multiple=1, mlm_head="dense")
 
 
 @dataclass
@@ -46,12 +51,34 @@ class BertConfig:
         pad_vocab_size_multiple: the embedding / decoder has ``padded_vocab_size`` rows (vocab rounded up to
             this multiple, for matmul-friendly shapes); 1 disables padding (needed to reproduce HF losses).
         hidden_act: ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        tie_word_embeddings: the MLM decoder is the word embedding (default); False gives the head its own
+            ``head.decoder`` weight (for converted checkpoints whose decoder is untied).
         local_attention_window: None (default: every layer attends globally, MosaicBERT) or the total width
             of the local attention window in tokens, ModernBERT's ``local_attention``: a local layer's
             query i sees keys ``i - w // 2 .. i + w // 2`` (``window_size = (w // 2, w // 2)``).
         global_attn_every_n_layers: with a window, layer ``i`` is global when ``i % n == 0`` and local
             otherwise (ModernBERT's rule; ModernBERT-base uses ``n = 3``, ``w = 128``). Must stay 1 (the
             default) without a window, and be > 1 with one (n = 1 would make every layer global).
+
+    Switches for the recipes of other papers (defaults: MosaicBERT's):
+        position_embedding_type ``"sinusoidal"``: fixed sine/cosine positions times one learned scalar
+            (initialised to ``1/sqrt(hidden_size)``; Cramming's "scaled-sinusoidal").
+        layer_norm_position: ``"post"`` (BERT, MosaicBERT: ``x = LN(x + f(x))``) or ``"pre"``
+            (``x = x + f(LN(x))``, with a final LayerNorm after the last layer, ``bert.final_norm``;
+            24hBERT and Cramming).
+        linear_bias: biases on the attention (``Wqkv``, ``out_proj``) and MLP (``wi``, ``wo``) projections
+            (False: Cramming's bias-free layers; LayerNorm keeps its bias).
+        mlm_head_transform: the MLM head's ``dense -> GELU -> LayerNorm`` before the decoder (False: the
+            decoder reads the encoder output directly, Cramming's ``skip_head_transform``).
+        mlm_decoder_bias: the decoder's own bias ``head.bias`` (False: Cramming's ``decoder_bias: False``).
+        embedding_layer_norm: LayerNorm on the embedding sum (False: 24hBERT's default
+            ``layernorm_embedding=False``; with pre-LN the first layer normalises its input anyway).
+        mlm_head: ``"sparse"`` (only labelled rows reach the vocabulary projection; MosaicBERT, 24hBERT,
+            Cramming) or ``"dense"`` (every position of the padded batch is projected and scored, as
+            Hugging Face's ``BertForMaskedLM``: the classic baseline).
+        fp32_layer_norm: LayerNorm computes and returns fp32 and the residual stream stays fp32 (what
+            ``torch.nn.LayerNorm`` does under autocast: the classic baseline) instead of fastbert's
+            low-precision LayerNorm (input dtype out, fp32 statistics; MosaicBERT).
     """
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -74,6 +101,14 @@ class BertConfig:
     global_attn_every_n_layers: int = 1
     classifier_dropout: Optional[float] = None
     num_labels: int = 2
+    layer_norm_position: str = "post"
+    linear_bias: bool = True
+    mlm_head_transform: bool = True
+    mlm_decoder_bias: bool = True
+    mlm_head: str = "sparse"
+    embedding_layer_norm: bool = True
+    fp32_layer_norm: bool = False
+    tie_word_embeddings: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used)
 
     def __post_init__(self):
@@ -96,9 +131,13 @@ class BertConfig:
             raise ValueError(f"global_attn_every_n_layers={self.global_attn_every_n_layers} needs "
                              "local_attention_window (the width of the local layers' window, ModernBERT: 128)")
         for name, allowed in (("position_embedding_type", _POSITION_TYPES), ("mlp_type", _MLP_TYPES),
-                              ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS)):
+                              ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS),
+                              ("layer_norm_position", _LN_POSITIONS), ("mlm_head", _MLM_HEADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("linear_bias", "mlm_head_transform", "mlm_decoder_bias", "fp32_layer_norm", "embedding_layer_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")

@@ -115,13 +115,15 @@ _MAX_CHECKED = 16
 def _already_checked(kind: str, t: torch.Tensor, sizes: tuple) -> bool:
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return True  # a CUDA graph being captured cannot read values back (replays run no Python anyway)
+    if t.is_inference():
+        return False  # torch.inference_mode tensors have no version counter: never taken as unchanged
     hit = _checked.get((kind, id(t)))
     return hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == sizes
 
 
 def mark_checked(kind: str, t: torch.Tensor, sizes: tuple) -> None:
     """Record that ``t``'s values passed the ``kind`` check against ``sizes`` (until ``t`` changes or dies)."""
-    if _compiling():
+    if _compiling() or t.is_inference():
         return
     key = (kind, id(t))
     if len(_checked) >= _MAX_CHECKED:

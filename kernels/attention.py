@@ -160,6 +160,7 @@ def _attn_fwd_kernel(
     v_base = V + start * stride_vt + h * stride_vh
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
+    offs_n_f = offs_n.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -172,8 +173,8 @@ def _attn_fwd_kernel(
         mask_n = cols < seqlen
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
-        if HAS_ALIBI:
-            s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
+        if HAS_ALIBI:  # i - j as floats (exact below 2^24): one conversion per row and tile, not per element
+            s -= slope * tl.abs((offs_m - start_n).to(tl.float32)[:, None] - offs_n_f[None, :])
         if HAS_WINDOW:  # a block cut by the window edge: masked inside
             s = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right), s, float("-inf"))
         else:
@@ -213,7 +214,7 @@ def _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seql
     k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
     s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
-    if HAS_ALIBI:
+    if HAS_ALIBI:  # (the forward's per-row conversion spills on sm_80 here: 24 B)
         s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
     if HAS_WINDOW:
         p = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right),

@@ -47,8 +47,8 @@ Without a ``kind`` annotation: kernels in files named for padding / bias_gelu / 
 a helper (preprocess, postprocess, convert, dot, delta, reduce, zero); everything else is ``other``.
 CUDA kernels are hot unless annotated ``cold``.
 
-Results are cached per kernel source hash in ``~/.cache/fastbert/compile_report`` (``FASTBERT_CACHE_DIR``
-overrides the root), so a rerun with unchanged sources takes seconds.
+Results are cached per kernel source hash in ``$FASTBERT_CACHE/compile_report``
+(default ``~/.cache/fastbert``), so a rerun with unchanged sources takes seconds.
 """
 from __future__ import annotations
 
@@ -238,8 +238,8 @@ def nvcc_version(nvcc: Optional[str]) -> Optional[str]:
 
 
 def _cache_dir() -> str:
-    root = os.environ.get("FASTBERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastbert")
-    d = os.path.join(root, "compile_report")
+    from fastbert.paths import cache_dir
+    d = str(cache_dir("compile_report"))
     os.makedirs(d, exist_ok=True)
     return d
 

@@ -5,7 +5,7 @@ CPU tensors, for tests only (``auto`` never picks it).
 blocks on worker threads, a block's threads as fibers with real ``__syncthreads``/warp-shuffle barriers,
 per-block shared memory) and the kernel files themselves, and exposes each launcher as an ``extern "C"``
 function. On first use it is built with g++ (``-O2 -std=c++17 -pthread``) into
-``$FASTBERT_CACHE_DIR or ~/.cache/fastbert/cuda_host/<flavour>-<hash of the sources and flags>/libfastbert_host.so``
+``$FASTBERT_CACHE/cuda_host/<flavour>-<hash of the sources and flags>/libfastbert_host.so``
 and loaded with ctypes. The primitives below have exactly the signatures of ``fastbert/reference.py``;
 they allocate their outputs with torch and hand the kernels raw pointers, as the real ``cuda`` backend's
 binding (``csrc/bindings.cpp``) does on a GPU.
@@ -140,8 +140,8 @@ def _source_hash(src: Path, cmd: list) -> str:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("FASTBERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastbert")
-    return Path(base) / "cuda_host"
+    from fastbert.paths import cache_dir
+    return cache_dir("cuda_host")
 
 
 def build(verbose: bool = False, flavor: str = "fast", src: Optional[Path] = None) -> Path:

@@ -137,7 +137,7 @@ def test_planted_kernels_are_caught(tmp_path):
     out = tmp_path / "report.json"
     # A private cache: the planted kernels are really compiled, not read back from an earlier run.
     r = _run(["--no-default-triton", "--no-default-csrc", "--triton-module", str(mod), "--csrc-dir",
-              str(cu_dir), "--json", str(out)], {"FASTBERT_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
+              str(cu_dir), "--json", str(out)], {"FASTBERT_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     fails = [ln for ln in r.stderr.splitlines() if ln.strip().startswith("FAIL")]
 

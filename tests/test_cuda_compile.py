@@ -2,7 +2,7 @@
 reports no register spill in any kernel unless the file explains why (a comment
 ``// fastbert: spill-ok: <reason>``). The ptxas report (registers, spills, shared memory per kernel) is
 printed (``pytest -s`` shows it). Compiles run in parallel (FASTBERT_NVCC_JOBS, default 2) and reports are
-cached by a hash of the sources, the flags and the nvcc version (under ~/.cache/fastbert/nvcc_reports).
+cached by a hash of the sources, the flags and the nvcc version (under $FASTBERT_CACHE/nvcc_reports).
 Skipped with the reason when no nvcc is installed.
 """
 import concurrent.futures as cf
@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+import fastbert
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ARCHS = ("80", "90")
@@ -48,8 +50,7 @@ def _key(cu: str, arch: str) -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("FASTBERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastbert")
-    return Path(base) / "nvcc_reports"
+    return fastbert.cache_dir("nvcc_reports")
 
 
 def _compile(cu: str, arch: str):

@@ -217,20 +217,45 @@ def test_missing_task_fails_before_any_training(fixture_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tasks_all_names_every_missing_task_and_available_runs_the_rest(fixture_ckpt, tmp_path, capsys):
+    data = tmp_path / "glue"  # a glue_data folder with RTE only (like ../shared/data/glue, which lacks MNLI/QNLI/QQP)
+    shutil.copytree(FIXTURES / "RTE", data / "RTE")
+    assert glue.main(["--model", str(fixture_ckpt), "--tasks", "all", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    for name in ("mnli (MNLI)", "qnli (QNLI)", "qqp (QQP)", "sst2 (SST-2)", "--tasks available", "(rte)"):
+        assert name in err, err
+    res = glue.run(fixture_ckpt, "available", data, tmp_path / "out", QUICK)
+    assert list(res["tasks"]) == ["rte"]
+    with pytest.raises(gd.GlueDataError, match="no GLUE task folder"):
+        glue.run(fixture_ckpt, "available", tmp_path / "empty", None, QUICK)
+
+
+def test_hub_while_offline_says_offline(fixture_ckpt, tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def unreachable(*args, **kwargs):  # what datasets raises offline with an empty cache (no network here)
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert glue.main(["--model", str(fixture_ckpt), "--tasks", "rte", "--data", "hub",
+                      "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--data hub" in err and "offline mode is on" in err and "nyu-mll/glue" in err, err
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks(fixture_ckpt, tmp_path):
     """torchrun with 2 gloo ranks: sharded training, gathered eval, one results file from rank 0."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 does not pick one)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+    # --standalone: the rendezvous store binds port 0 itself and keeps it. A port picked free here and passed
+    # as --master_port stays unbound until torchrun has started (seconds under load); any process on a shared
+    # machine that takes it meanwhile makes the launcher fail with EADDRINUSE.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "train.glue", "--model", str(fixture_ckpt), "--tasks", "mnli,rte", "--data", str(FIXTURES),
            "--output-dir", str(tmp_path), "max_seq_len=32", "epochs=1", "seeds=1", "batch_size=4",
            "progress=false"]

@@ -211,6 +211,22 @@ def test_sequence_classification_losses():
         clf(ids, mask, labels=torch.tensor([0, 1]))
 
 
+def test_mean_pooling_classifier_reads_the_mean_of_real_tokens():
+    """classifier_pooling="mean": the pooler reads each sequence's mean over its real tokens (pads excluded),
+    so extra padding changes nothing; gradients reach every token of the encoder output."""
+    ids, mask, _ = _batch()
+    clf = BertForSequenceClassification(_cfg(classifier_pooling="mean"), num_labels=2).eval()
+    out = clf(ids, mask)
+    hidden = clf.bert(ids, mask).last_hidden_state                      # zeros at pads
+    mean = hidden.sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(out.logits, clf.classifier(torch.tanh(clf.bert.pooler.dense(mean))), atol=1e-6)
+    pad = torch.zeros(3, 5, dtype=torch.long)
+    longer = clf(torch.cat([ids, pad + 7], 1), torch.cat([mask, pad], 1))
+    assert torch.allclose(out.logits, longer.logits, atol=1e-6)
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        _cfg(classifier_pooling="max")
+
+
 def test_save_load_roundtrip_and_mlm_to_classifier(tmp_path, caplog):
     from safetensors.torch import load_file
 

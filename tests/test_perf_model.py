@@ -178,7 +178,7 @@ def test_planted_kernels_break_their_budgets(tmp_path):
     (tmp_path / "planted_dot.py").write_text(textwrap.dedent(PLANTED_PY))
     # A private cache: the planted kernels are really compiled, not read back from an earlier run.
     r = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "planted_dot.py"), str(tmp_path / "csrc")],
-                       cwd=ROOT, env=_env({"FASTBERT_CACHE_DIR": str(tmp_path / "cache")}), capture_output=True,
+                       cwd=ROOT, env=_env({"FASTBERT_CACHE": str(tmp_path / "cache")}), capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

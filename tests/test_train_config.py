@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from train.config import PretrainConfig, apply_override, expand_path, load_config, save_config
-from train.pretrain import config_from_args, lr_at
+from train.pretrain import config_from_args
+from train.resume import lr_at
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "configs")
 
@@ -102,4 +103,4 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "--data" in capsys.readouterr().err
     rc = quickstart.main(["--data", str(tmp_path), "--output-dir", str(tmp_path / "q")])
     err = capsys.readouterr().err
-    assert rc == 2 and "wiki2015-00.jsonl.gz" in err and "FASTBERT_DATA" in err
+    assert rc == 2 and "wiki2015-00.jsonl.gz" in err and "FASTBERT_DATA" in err and "hub" in err

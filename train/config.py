@@ -11,7 +11,9 @@ ignored silently. The resolved configuration is written next to the run's output
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +21,33 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+# The harness is the package fastbert.train (installed from train/); in a checkout this is the repository.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped YAML configs (installed with the package)
 
 
 def data_root() -> Path:
-    """Where the shared data lives: ``$FASTBERT_DATA``, else ``../shared/data`` beside the repository."""
+    """Where the shared data lives: ``$FASTBERT_DATA``, else ``../shared/data`` beside the repository
+    checkout (an installed, non-editable copy has no checkout: set ``FASTBERT_DATA`` or pass ``--data``)."""
     env = os.environ.get("FASTBERT_DATA")
-    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data").resolve()
+    return Path(env).expanduser() if env else (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def shipped_configs() -> List[str]:
+    """Names of the configs shipped with the harness (``tiny-cpu``, ``mosaicbert-base``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` itself when it is a file, else the shipped config of that name (``tiny-cpu`` or
+    ``tiny-cpu.yaml``), so ``--config tiny-cpu`` works from any folder."""
+    if os.path.isfile(path):
+        return path
+    for cand in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if os.path.basename(path) == path and cand.is_file():
+            return str(cand)
+    raise FileNotFoundError(f"--config: no such file {path!r} (shipped configs, usable by name: "
+                            f"{', '.join(shipped_configs())})")
 
 
 def expand_path(p: str) -> str:
@@ -47,6 +69,23 @@ class ModelSection:
     # BertConfig fields GLUE finetuning applies to this checkpoint (saved in its config.json), e.g. dropout
     # back on for a recipe that pretrains without it (Cramming)
     finetune_overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Build the model config now (no weights), so a bad preset or override fails before any data
+        is read. vocab_size and pad_token_id come from the tokenizer later."""
+        from fastbert.models import BertConfig
+        known = {f.name for f in dataclasses.fields(BertConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise ValueError(f"model.overrides: unknown BertConfig field(s) {unknown}; known: {sorted(known)}")
+        try:
+            BertConfig.preset(self.preset)
+        except ValueError as e:
+            raise ValueError(f"model.preset: {e}") from None
+        try:
+            BertConfig.preset(self.preset, **self.overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model.overrides: {e}") from None
 
 
 @dataclass
@@ -94,7 +133,7 @@ class PretrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     output_dir: str = "runs/pretrain"
     # Budget: exactly one of these is > 0. The LR schedule follows the elapsed fraction of it.
-    max_steps: int = 0
+    max_steps: int = 0                       # optimizer steps (exactly one of max_steps, max_minutes > 0)
     max_minutes: float = 0.0                 # wall-clock minutes of training (evaluation excluded)
     global_batch_size: int = 64              # sequences per optimizer step, over all ranks
     batch_size_ramp: float = 0.0             # grow the batch linearly from one micro-batch per rank to
@@ -110,7 +149,7 @@ class PretrainConfig:
     eval_sequences: int = 512                # held-out sequences per evaluation
     checkpoint_every: int = 0                # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
-    resume: str = "auto"                     # auto (latest checkpoint in output_dir, if any) | none | <dir>
+    resume: str = "auto"                     # auto (latest checkpoint in output_dir) | none (a new folder) | <dir>
     progress: bool = True                    # tqdm progress bar
     plot: bool = True                        # DIR/loss.png at the end
     debug_nan_at_step: int = 0               # test knob: make the loss NaN at this step
@@ -152,6 +191,7 @@ class PretrainConfig:
             raise ValueError(f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+        self.model.check()
         return self
 
 
@@ -256,8 +296,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls=P
     """Read ``path`` (YAML; ``None`` = the defaults), apply ``key=value`` overrides, validate."""
     raw: Dict[str, Any] = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--config: no such file {path!r}")
+        path = resolve_config_path(path)
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     cfg = _from_dict(cls, raw)
@@ -276,3 +315,23 @@ def save_config(cfg, path: str) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+def config_help(cls=PretrainConfig, prefix: str = "") -> List[str]:
+    """One line per config key, ``key = default  (the comment beside the field)``, read from the dataclasses
+    (and their source comments), for ``--help``."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen install): keys and defaults only
+        src = ""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", src, re.M))
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += config_help(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        note = f"  ({notes[f.name]})" if f.name in notes else ""
+        lines.append(f"  {prefix}{f.name} = {default!r}{note}")
+    return lines

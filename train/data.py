@@ -117,7 +117,8 @@ def resolve_source(spec: str, exclude: Sequence[str] = (), hub_config: str = "",
     looks_local = (spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES) or os.sep + os.sep in spec
                    or spec.count("/") > 1)
     if looks_local:
-        raise FileNotFoundError(f"{arg}: no such file or directory {spec!r} (set FASTBERT_DATA or pass a path)")
+        raise FileNotFoundError(f"{arg}: no such file or directory {spec!r} (set FASTBERT_DATA to the data folder, "
+                                "or pass a file, a folder or a Hugging Face hub dataset name)")
     return Source("hub", name=spec, config=hub_config, split=hub_split)
 
 
@@ -303,7 +304,8 @@ class TokenDataset:
 
 
 def default_cache_root() -> str:
-    return os.environ.get("FASTBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastbert")
+    from fastbert.paths import cache_dir
+    return str(cache_dir())
 
 
 def cache_key(source: Source, tokenizer_fingerprint: str, max_len: int, max_documents: int,
@@ -382,6 +384,9 @@ def build_or_load(source: Source, tokenizer, max_len: int, cache_root: str = "",
             if pend_n >= shard_tokens:
                 flush()
         flush()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-built cache left behind
+        raise
     finally:
         if pool is not None:
             pool.terminate()

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train import glue_data as gd
-from train import metrics as gm
+from . import glue_data as gd
+from . import metrics as gm
 
 __all__ = ["run", "main", "DEFAULTS", "RECIPES", "resolve_settings", "parse_overrides", "load_model_source"]
 
@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "progress": True,              # tqdm bars (rank 0 only)
     "vocab_file": None,            # default: MODEL_DIR/vocab.txt
     "lowercase": None,             # default: from the checkpoint's tokenizer_config.json, else True
+    "classifier_pooling": None,    # cls | mean (of the token states; fastbert only) | none: the checkpoint's, else cls
 }
 # Seeds of mosaic-bert-base-uncased.yaml (tasks without a list use its default_seed 19).
 _SEEDS5 = [19, 8364, 717, 10536, 90166]
@@ -175,6 +176,8 @@ def _validate(task: str, s: dict) -> None:
         bad("seeds", "a count >= 1 or a comma list of integer seeds")
     if s["precision"] not in ("auto", "bf16", "fp32"):
         bad("precision", "auto, bf16 or fp32")
+    if s["classifier_pooling"] not in (None, "cls", "mean"):
+        bad("classifier_pooling", "cls, mean or none")
 
 
 # ---------------------------------------------------------------- models
@@ -188,13 +191,20 @@ class ModelSource:
     lowercase: bool
     finetune_overrides: dict | None = None  # BertConfig fields the pretraining recipe asks for when finetuning
 
-    def build(self, num_labels: int) -> torch.nn.Module:
-        """A fresh classifier with `num_labels` outputs on the pretrained encoder (new, randomly initialised head)."""
+    def build(self, num_labels: int, pooling: str | None = None) -> torch.nn.Module:
+        """A fresh classifier with `num_labels` outputs on the pretrained encoder (new, randomly initialised head).
+        `pooling` ("cls" / "mean") overrides the checkpoint's own finetuning setting; None keeps it (else cls)."""
         if self.kind == "fastbert":
             from fastbert.models import BertForSequenceClassification
 
+            overrides = dict(self.finetune_overrides or {})
+            if pooling is not None:
+                overrides["classifier_pooling"] = pooling
             return BertForSequenceClassification.from_pretrained(str(self.path), num_labels=num_labels,
-                                                                 **(self.finetune_overrides or {}))
+                                                                 **overrides)
+        if pooling not in (None, "cls"):
+            raise ValueError(f"classifier_pooling={pooling!r}: a Hugging Face BERT checkpoint classifies from "
+                             "[CLS] only; use a fastbert checkpoint for mean pooling")
         from transformers import BertForSequenceClassification as HFBert
         from transformers.utils import logging as hf_logging
 
@@ -411,7 +421,7 @@ def finetune(task: str, seed: int, s: dict, src: ModelSource, train: gd.Encoded,
     if per_rank == 0:
         raise ValueError(f"{task}: {len(train)} training examples cannot be split over {d.world} ranks")
     _seed_all(seed)  # the same head initialisation on every rank
-    model = src.build(spec.num_labels)
+    model = src.build(spec.num_labels, s["classifier_pooling"])
     n_init = _load_encoder_from(model, init_state) if init_state is not None else 0
     torch.manual_seed(seed + 7919 * d.rank)  # but different dropout masks per rank
     model.to(device).train()
@@ -480,19 +490,17 @@ def run(model_dir, tasks="all", data_dir=None, output_dir=None, overrides: dict 
     (e.g. {"seeds": 1, "max_train_examples": 256, "rte.lr": 2e-5}). Returns the results dict, also
     written (by rank 0) to output_dir/results.json and results.md when output_dir is given.
     """
-    task_list = gd.parse_tasks(tasks)
-    settings = resolve_settings(task_list, overrides)
-    first = settings[task_list[0]]
-    src = load_model_source(model_dir, first["vocab_file"], first["lowercase"])
     if data_dir is None:
         data_dir = gd.find_data_dir()
         if data_dir is None:
             raise FileNotFoundError("--data: no glue_data folder given and none found at $FASTBERT_DATA/glue or "
                                     "../shared/data/glue; pass --data DIR or --data hub")
     use_hub = str(data_dir) == "hub"
-    if not use_hub:
-        for task in task_list:  # fail now, not after hours of MNLI, when a later task's files are missing
-            gd.check_task_files(task, data_dir)
+    # every task's files are checked now, not after hours of MNLI when a later task's are missing
+    task_list = gd.select_tasks(tasks, None if use_hub else data_dir)
+    settings = resolve_settings(task_list, overrides)
+    first = settings[task_list[0]]
+    src = load_model_source(model_dir, first["vocab_file"], first["lowercase"])
     d, device = _init_dist(first["device"])
     out_dir = Path(output_dir) if output_dir is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
@@ -644,12 +652,14 @@ def results_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.glue", description=__doc__.split("\n\n")[0],
+    from .utils import prog_name
+    p = argparse.ArgumentParser(prog=prog_name("glue"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="settings (key=value, or task.key=value for one task): "
                                        + ", ".join(sorted(set(DEFAULTS) | set(_TASK_KEYS))))
     p.add_argument("--model", required=True, help="checkpoint folder (fastbert or Hugging Face BERT)")
-    p.add_argument("--tasks", default="all", help="'all' or a comma list of " + ",".join(gd.ALL_TASKS))
+    p.add_argument("--tasks", default="all", help="'all', 'available' (every task whose files are under --data) "
+                                                  "or a comma list of " + ",".join(gd.ALL_TASKS))
     p.add_argument("--data", default=None, help="glue_data folder, or 'hub' for nyu-mll/glue "
                                                 "(default: $FASTBERT_DATA/glue or ../shared/data/glue)")
     p.add_argument("--output-dir", default=None,
@@ -659,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.output_dir or str(Path("glue-results") / Path(a.model).resolve().name)
     try:
         res = run(a.model, a.tasks, a.data, out, parse_overrides(a.overrides))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # ConnectionError: hub unreachable/offline
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "TaskSpec", "TASKS", "ALL_TASKS", "GlueSplit", "GlueDataError", "parse_tasks", "read_split",
+    "TaskSpec", "TASKS", "ALL_TASKS", "GlueSplit", "GlueDataError", "parse_tasks", "select_tasks", "read_split",
     "check_task_files", "load_task", "load_task_hub", "find_data_dir", "Encoded", "load_tokenizer", "encode", "collate",
 ]
 
@@ -96,7 +96,8 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     for t in names:
         t = _ALIASES.get(t, t)
         if t not in TASKS:
-            raise ValueError(f"--tasks: unknown task {t!r}; expected 'all' or a comma list of {list(ALL_TASKS)}")
+            raise ValueError(f"--tasks: unknown task {t!r}; expected 'all', 'available' or a comma list of "
+                             f"{list(ALL_TASKS)}")
         if t not in out:
             out.append(t)
     if not out:
@@ -229,6 +230,43 @@ def check_task_files(task: str, data_dir: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def _missing_files(task: str, data_dir) -> str | None:
+    try:
+        check_task_files(task, data_dir)
+    except GlueDataError as e:
+        return str(e)
+    return None
+
+
+def select_tasks(tasks: str | Sequence[str], data_dir: str | os.PathLike | None) -> list[str]:
+    """The tasks to run, in run order, with their files checked under ``data_dir`` (None: the hub has all).
+
+    ``'available'`` is every task whose files are present. ``'all'`` (or a list) with a task missing raises
+    :class:`GlueDataError` naming the missing tasks and pointing at ``--tasks available`` -- cheap, so a run
+    fails before hours of MNLI rather than after."""
+    is_available = isinstance(tasks, str) and tasks.strip().lower() == "available"
+    wanted = list(ALL_TASKS) if is_available else parse_tasks(tasks)
+    if data_dir is None:
+        return wanted
+    missing = {t: why for t in wanted if (why := _missing_files(t, data_dir))}
+    present = [t for t in wanted if t not in missing]
+    if is_available:
+        if not present:
+            raise GlueDataError(f"--tasks available: no GLUE task folder (e.g. SST-2/train.tsv) under --data "
+                                f"{data_dir}")
+        return present
+    if missing:
+        if len(missing) == 1:
+            raise GlueDataError(next(iter(missing.values())))
+        names = ", ".join(f"{t} ({TASKS[t].dirname})" for t in missing)
+        hint = (f"Run the {len(present)} present ones ({', '.join(present)}) with --tasks available, or use "
+                if present else "Use ")
+        raise GlueDataError(f"--tasks: {len(missing)} of the requested tasks have no files under --data {data_dir}: "
+                            f"{names}. {hint}--data hub (nyu-mll/glue), or add the missing folders in the "
+                            "standard glue_data layout.")
+    return wanted
+
+
 def load_task(task: str, data_dir: str | os.PathLike) -> tuple[GlueSplit, dict[str, GlueSplit]]:
     """(train split, {eval split name: split}) of `task` from a glue_data folder."""
     spec = TASKS[task]
@@ -240,10 +278,10 @@ def load_task(task: str, data_dir: str | os.PathLike) -> tuple[GlueSplit, dict[s
 
 def load_task_hub(task: str, dataset: str = "nyu-mll/glue") -> tuple[GlueSplit, dict[str, GlueSplit]]:
     """The same from the Hugging Face hub through `datasets` (needs network or a populated HF cache)."""
-    import datasets  # imported here: only the hub path needs it
+    from .data import load_hub_dataset  # only the hub path needs `datasets`
 
     spec = TASKS[task]
-    ds = datasets.load_dataset(dataset, spec.name)
+    ds = load_hub_dataset("--data hub", dataset, spec.name)
 
     def conv(split_name: str, hub_split: str) -> GlueSplit:
         d = ds[hub_split]

@@ -25,30 +25,31 @@ import numpy as np
 import torch
 
 from . import data as D
-from .config import PretrainConfig, expand_path, load_config, save_config, to_dict
+from .config import PretrainConfig, expand_path, load_config, save_config
+from .resume import (ResumeError, Schedule, StartPlan, evals_from_metrics, finished_summary, latest_checkpoint,
+                     lr_at, plan_start, restore, save_checkpoint)
 from .tokenizer import WordPiece, load_tokenizer
-from .utils import (Dist, gpu_peak_flops, mfu, plot_losses, rng_state, seed_all, set_rng_state,
+from .utils import (Dist, StopSignals, gpu_peak_flops, mfu, plot_losses, prog_name, rng_state, seed_all,
                     setup_distributed, truncate_metrics)
 
-CKPT_PREFIX = "step-"
-
+__all__ = ["train", "main", "lr_at", "budget_fraction", "batch_size_at", "build_optimizer", "TrainingDiverged",
+           "TrainingInterrupted", "ResumeError"]
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without writing the bad state."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run at a step boundary after writing a checkpoint, metrics and the plot.
+    ``signum`` is the signal, ``summary`` what :func:`train` would have returned so far."""
+
+    def __init__(self, message: str, signum: int, summary: Dict):
+        super().__init__(message)
+        self.signum, self.summary = signum, summary
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
-
-def lr_at(frac: float, peak: float, warmup: float, final_ratio: float, initial_ratio: float = 0.0) -> float:
-    """Linear warmup from ``peak * initial_ratio`` over the first ``warmup`` fraction of the budget, then
-    linear decay to ``peak * final_ratio`` at ``frac == 1``. MosaicBERT: (0.06, 0.02, 0); 24hBERT:
-    (0.06, 0, 0); Cramming's "budget-triangle2" is (0.75, 0, 0.25): ``min(0.25 + x, 4 - 4x)``."""
-    frac = min(max(frac, 0.0), 1.0)
-    if warmup > 0 and frac < warmup:
-        return peak * (initial_ratio + (1.0 - initial_ratio) * frac / warmup)
-    return peak * (final_ratio + (1.0 - final_ratio) * (1.0 - frac) / (1.0 - warmup))
-
 
 def budget_fraction(step: int, elapsed_s: float, cfg: PretrainConfig, first_step_s: float) -> float:
     """Where the schedule stands for optimizer step ``step`` (0-based): the fraction of the budget this step
@@ -125,49 +126,6 @@ def evaluate(model, batches, device, autocast) -> Dict[str, float]:
         correct += int(out.n_correct)
     model.train(was_training)
     return {"eval_loss": loss_sum / max(n, 1), "eval_acc": correct / max(n, 1), "eval_tokens": n}
-
-
-def latest_checkpoint(out_dir: str) -> Optional[str]:
-    root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root)
-                  if d.startswith(CKPT_PREFIX) and os.path.isfile(os.path.join(root, d, "trainer_state.pt")))
-    return os.path.join(root, done[-1]) if done else None
-
-
-def save_checkpoint(out_dir: str, raw_model, optimizer, step: int, elapsed: float, rngs: List[Dict],
-                    cfg: PretrainConfig, keep: int, data: Optional[Dict] = None) -> str:
-    """Write ``checkpoints/step-N`` atomically: everything goes to a temp directory that is renamed into
-    place last, so a kill at any moment leaves either the complete checkpoint or none."""
-    root = os.path.join(out_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"{CKPT_PREFIX}{step:07d}")
-    for stale in os.listdir(root):  # temp directories of a run killed mid-write (only rank 0 writes here)
-        if stale.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:07d}-{os.getpid()}")
-    raw_model.save_pretrained(tmp)
-    state = {"step": step, "elapsed_s": elapsed,
-             "optimizer": optimizer.state_dict(),
-             "scheduler": {"step": step, "elapsed_s": elapsed, "max_steps": cfg.max_steps,
-                           "max_minutes": cfg.max_minutes},
-             "rng": rngs,  # one entry per rank
-             "data": {"sequences_consumed": step * cfg.global_batch_size, "seed": cfg.seed,
-                      "global_batch_size": cfg.global_batch_size, **(data or {})},
-             "config": to_dict(cfg)}
-    path = os.path.join(tmp, "trainer_state.pt")
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.isdir(final):  # a re-run of the same step (resume=none into the same dir)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    done = sorted(d for d in os.listdir(root) if d.startswith(CKPT_PREFIX))
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
 
 
 def prepare_tokenizer(cfg: PretrainConfig, src: D.Source, cache_root: str, dist: Dist, log) -> WordPiece:
@@ -259,19 +217,36 @@ def resume_reader(reader, data: Dict, dist: Dist):
 # The loop
 
 def train(cfg: PretrainConfig, log=None) -> Dict:
-    """Run (or resume) pretraining as configured; returns a summary dict (paths, last losses).
+    """Run (or resume) pretraining as configured; returns a summary dict (paths, first/last held-out loss).
 
-    Raises :class:`TrainingDiverged` on a NaN/inf loss (the checkpoints already written are kept).
+    Everything that can refuse the run (config validation, the resume check of :func:`plan_start`) runs
+    before anything is written. Raises :class:`ResumeError` (nothing written), :class:`TrainingDiverged`
+    on a NaN/inf loss (the checkpoints already written are kept) and :class:`TrainingInterrupted` after
+    SIGINT/SIGTERM (a checkpoint of the last step written; ``resume=auto`` continues it exactly).
     """
     cfg.validate()
+    plan = plan_start(cfg, os.path.abspath(expand_path(cfg.output_dir)))
+    if plan.finished:
+        return finished_summary(cfg, plan, log)
     prev_threads = torch.get_num_threads()
     try:
-        return _train(cfg, log)
+        return _train(cfg, plan, log)
     finally:
         torch.set_num_threads(prev_threads)  # an in-process caller (tests, quickstart) gets its setting back
 
 
-def _train(cfg: PretrainConfig, log) -> Dict:
+def _eval_batches(cfg: PretrainConfig, valid_ds, tok, dist: Dist) -> List:
+    """Held-out batches, masked once with a fixed seed: every evaluation scores the same positions."""
+    if valid_ds is None or not dist.is_main:
+        return []
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    n_eval = min(cfg.eval_sequences, len(valid_ds))
+    prob = cfg.data.eval_mlm_probability or cfg.data.mlm_probability
+    return [make_batch([valid_ds[j] for j in range(i, min(i + cfg.micro_batch_size, n_eval))], tok, prob, g)
+            for i in range(0, n_eval, cfg.micro_batch_size)]
+
+
+def _train(cfg: PretrainConfig, plan: StartPlan, log) -> Dict:
     from fastbert.models import BertConfig, BertForMaskedLM
 
     dist = setup_distributed(cfg.device)
@@ -290,12 +265,16 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         else:
             print(msg, flush=True)
 
-    out_dir = os.path.abspath(expand_path(cfg.output_dir))
+    out_dir = plan.out_dir
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if dist.is_main:
+    if dist.is_main:  # the first writes: plan_start has accepted the run folder and the checkpoint
         os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     say(f"pretrain: output -> {out_dir} (world size {dist.world}, device {device})")
+    if plan.checkpoint:
+        say(f"resume: continuing {plan.checkpoint} (step {plan.step}, {plan.elapsed_s / 60:.1f} min trained)")
+    for note in plan.notes:
+        say(f"resume: {note}")
 
     tok, reader, valid_ds = prepare_data(cfg, dist, say)
 
@@ -319,38 +298,17 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # --- resume ---
-    step, elapsed, consumed, first_step_s = 0, 0.0, 0, 0.0
-    ckpt = None
-    if cfg.resume == "auto":
-        ckpt = latest_checkpoint(out_dir)
-    elif cfg.resume not in ("none", ""):
-        ckpt = expand_path(cfg.resume)
-        if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
-            raise FileNotFoundError(f"resume: {ckpt!r} is not a checkpoint directory (no trainer_state.pt)")
-    if ckpt is not None:
-        from safetensors.torch import load_file
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        raw_model.load_checkpoint_state(load_file(os.path.join(ckpt, "model.safetensors")), source=ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed_s"]
-        if state["data"]["global_batch_size"] != cfg.global_batch_size:
-            say(f"warning: the checkpoint used global_batch_size {state['data']['global_batch_size']}, now "
-                f"{cfg.global_batch_size}: the data order after resuming differs from the original run's")
-        consumed, first_step_s = resume_reader(reader, state["data"], dist)
-        rngs = state["rng"]
-        if len(rngs) == dist.world:
-            set_rng_state(rngs[dist.rank])
-        else:
-            say(f"warning: checkpoint from {len(rngs)} rank(s), now {dist.world}: dropout RNG reseeded")
-            seed_all(cfg.seed + 1000 * step + dist.rank)
+    step, elapsed, consumed, first_step_s = plan.step, plan.elapsed_s, 0, 0.0
+    if plan.state is not None:
+        restore(plan, raw_model, optimizer, dist, cfg, say)
+        consumed, first_step_s = resume_reader(reader, plan.state["data"], dist)
         if dist.is_main:
             truncate_metrics(metrics_path, step)
-        say(f"resume: {ckpt} (step {step}, {elapsed / 60:.1f} min trained)")
     else:
         seed_all(cfg.seed + dist.rank)  # dropout differs per rank; the weights are already drawn
         if dist.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)
+    schedule = Schedule.from_config(cfg, plan.anchor)
 
     model = raw_model
     if cfg.compile:
@@ -360,23 +318,15 @@ def _train(cfg: PretrainConfig, log) -> Dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
 
-    plan = D.BatchPlan(1, cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world, cfg.seed)
+    # micro-batch size and accumulation steps (the sequences come from the reader)
+    batch_plan = D.BatchPlan(1, cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world, cfg.seed)
     pad_to = cfg.data.max_len if cfg.compile else 0  # static shapes for the compiler; else pad to longest
     budget_s = cfg.max_minutes * 60.0
 
     def progress(step_: int, elapsed_: float) -> float:
         return step_ / cfg.max_steps if cfg.max_steps else elapsed_ / budget_s
 
-    # Held-out batches are masked once with a fixed seed: every evaluation scores the same positions.
-    eval_batches = []
-    if valid_ds is not None and dist.is_main:
-        g = torch.Generator().manual_seed(cfg.seed + 7)
-        n_eval = min(cfg.eval_sequences, len(valid_ds))
-        for i in range(0, n_eval, cfg.micro_batch_size):
-            idx = np.arange(i, min(i + cfg.micro_batch_size, n_eval))
-            eval_batches.append(make_batch([valid_ds[int(i)] for i in idx], tok, cfg.data.eval_mlm_probability
-                                           or cfg.data.mlm_probability, g))
-
+    eval_batches = _eval_batches(cfg, valid_ds, tok, dist)
     peak = gpu_peak_flops(device)
     metrics_f = open(metrics_path, "a") if dist.is_main else None
 
@@ -394,17 +344,31 @@ def _train(cfg: PretrainConfig, log) -> Dict:
             f"({r['eval_tokens']} masked tokens)")
         return r
 
+    def checkpoint() -> str:
+        rngs = [rng_state()]
+        if dist.enabled:  # every rank's dropout RNG, so a resume continues each rank's stream
+            rngs = [None] * dist.world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        data_state = reader_states(reader, dist, consumed, first_step_s)  # every rank's data position
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(out_dir, raw_model, optimizer, step, elapsed, rngs, cfg, cfg.keep_checkpoints,
+                                   data_state, schedule)
+            say(f"checkpoint: {path}")
+        dist.barrier()
+        return path
+
     budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.max_minutes} min"
     say(f"model: {cfg.model.preset} {mcfg.num_hidden_layers}x{mcfg.hidden_size}, {n_params / 1e6:.2f}M params; "
         f"pos={mcfg.position_embedding_type} mlp={mcfg.mlp_type} attn={mcfg.attention_impl}")
     ramp = f" (ramped up over {cfg.batch_size_ramp:.0%} of the budget)" if cfg.batch_size_ramp else ""
     say(f"train: {reader.describe()}; global batch{ramp} "
-        f"{cfg.global_batch_size} = {dist.world} rank(s) x {plan.accum_steps} micro-step(s) x "
-        f"{plan.micro_batch}; budget {budget}; lr {cfg.optim.lr}, masking {cfg.data.mlm_probability:.0%}; "
+        f"{cfg.global_batch_size} = {dist.world} rank(s) x {batch_plan.accum_steps} micro-step(s) x "
+        f"{batch_plan.micro_batch}; budget {budget}; lr {cfg.optim.lr}, masking {cfg.data.mlm_probability:.0%}; "
         f"{'bf16 autocast' if use_bf16 else 'fp32'}")
 
-    first_eval = run_eval() if step == 0 else None
-    last_eval = first_eval
+    if step == 0:
+        run_eval()
     last_ckpt = latest_checkpoint(out_dir)
     if dist.is_main and cfg.progress:
         from tqdm.auto import tqdm
@@ -413,112 +377,114 @@ def _train(cfg: PretrainConfig, log) -> Dict:
     params = [p for p in raw_model.parameters() if p.requires_grad]
     win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
     last_loss = float("nan")
+    stop = StopSignals()
+    stopped = False
 
-    while progress(step, elapsed) < 1.0:
-        t0 = time.perf_counter()
-        frac = budget_fraction(step, elapsed, cfg, first_step_s)
-        lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.final_lr_ratio, cfg.optim.initial_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    with stop:
+        while progress(step, elapsed) < 1.0:
+            t0 = time.perf_counter()
+            frac = budget_fraction(step, elapsed, cfg, first_step_s)
+            lr = schedule.lr(frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        step_batch = batch_size_at(frac, cfg, dist.world)
-        seqs = reader.take(step_batch)
-        consumed += step_batch
-        micro = [seqs[i:i + plan.micro_batch] for i in range(0, len(seqs), plan.micro_batch)]
-        loss_sum = torch.zeros((), device=device)
-        n_tokens = 0
-        for i, idx in enumerate(micro):
-            gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * len(micro) + i))
-            inputs, attn, labels = make_batch(idx, tok, cfg.data.mlm_probability, gen, pad_to)
-            n_tokens += int(attn.sum())
-            if device.type == "cuda":  # pinned host memory lets the copies overlap the previous step
-                inputs, attn, labels = (t.pin_memory() for t in (inputs, attn, labels))
-            inputs, attn, labels = (t.to(device, non_blocking=True) for t in (inputs, attn, labels))
-            # DDP all-reduces gradients on the last micro-step only; the others accumulate locally.
-            sync = (model.no_sync() if dist.enabled and i < len(micro) - 1 else contextlib.nullcontext())
-            with sync:
-                with autocast:
-                    out = model(input_ids=inputs, attention_mask=attn, labels=labels)
-                loss = out.loss / len(micro)
-                if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
-                    loss = loss * float("nan")  # test knob: a diverged step
-                loss.backward()
-            loss_sum += loss.detach()
-        # clip_grad_norm_ also returns the global norm (after DDP's all-reduce, so equal on every rank):
-        # a NaN on any rank shows up on all of them and every rank stops at the same step.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
-                                                   else float("inf"))
-        # One host sync per step: the NaN guard must see this step before the optimizer applies it.
-        loss_val, norm_val = (float(x) for x in torch.stack([loss_sum, grad_norm.float()]).cpu())
-        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            where = last_ckpt or "none written yet"
-            reader.close()
+            step_batch = batch_size_at(frac, cfg, dist.world)
+            seqs = reader.take(step_batch)
+            consumed += step_batch
+            micro = [seqs[i:i + batch_plan.micro_batch] for i in range(0, len(seqs), batch_plan.micro_batch)]
+            loss_sum = torch.zeros((), device=device)
+            n_tokens = 0
+            for i, idx in enumerate(micro):
+                gen = torch.Generator().manual_seed(mask_seed(cfg.seed, step, dist.rank * len(micro) + i))
+                inputs, attn, labels = make_batch(idx, tok, cfg.data.mlm_probability, gen, pad_to)
+                n_tokens += int(attn.sum())
+                if device.type == "cuda":  # pinned host memory lets the copies overlap the previous step
+                    inputs, attn, labels = (t.pin_memory() for t in (inputs, attn, labels))
+                inputs, attn, labels = (t.to(device, non_blocking=True) for t in (inputs, attn, labels))
+                # DDP all-reduces gradients on the last micro-step only; the others accumulate locally.
+                sync = (model.no_sync() if dist.enabled and i < len(micro) - 1 else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        out = model(input_ids=inputs, attention_mask=attn, labels=labels)
+                    loss = out.loss / len(micro)
+                    if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
+                        loss = loss * float("nan")  # test knob: a diverged step
+                    loss.backward()
+                loss_sum += loss.detach()
+            # clip_grad_norm_ also returns the global norm (after DDP's all-reduce, so equal on every rank):
+            # a NaN on any rank shows up on all of them and every rank stops at the same step.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                       else float("inf"))
+            # One host sync per step: the NaN guard must see this step before the optimizer applies it.
+            loss_val, norm_val = (float(x) for x in torch.stack([loss_sum, grad_norm.float()]).cpu())
+            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                where = last_ckpt or "none written yet"
+                reader.close()
+                if bar is not None:
+                    bar.close()
+                if metrics_f is not None:
+                    metrics_f.close()
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1}: loss={loss_val} grad_norm={norm_val} (lr {lr:.3g}). "
+                    f"Stopped without saving this state; last good checkpoint: {where}. Lower optim.lr or "
+                    f"raise optim.warmup, then resume from it (resume=auto).")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            dt = time.perf_counter() - t0
+            if budget_s and dist.enabled:
+                # The wall-clock budget must end every rank at the same step: rank 0's clock decides.
+                t = torch.tensor([dt], device=device, dtype=torch.float64)
+                torch.distributed.broadcast(t, 0)
+                dt = float(t)
+            elapsed += dt
+            if step == 1:
+                first_step_s = elapsed  # compilation and start-up: kept out of the schedule (budget_fraction)
+            win_tokens += n_tokens
+            win_time += dt
+            win_loss += loss_val
+            win_n += 1
+            last_loss = loss_val
+
+            stopped = stop.agreed(dist)  # every rank stops after the same step
+            if step % cfg.log_every == 0 or progress(step, elapsed) >= 1.0 or stopped:
+                stats = torch.tensor([win_loss / win_n, float(win_tokens)], dtype=torch.float64, device=device)
+                if dist.enabled:  # mean loss and total tokens over ranks
+                    torch.distributed.all_reduce(stats)
+                    stats[0] /= dist.world
+                tok_s = float(stats[1]) / max(win_time, 1e-9)
+                m = mfu(n_params, tok_s / dist.world, peak)
+                row = {"split": "train", "step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": norm_val,
+                       "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "batch_size": step_batch,
+                       "sequences": consumed, **reader.progress()}
+                write_metrics(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                    mfu="n/a" if m is None else f"{m:.1%}", refresh=False)
+                win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
             if bar is not None:
-                bar.close()
-            if metrics_f is not None:
-                metrics_f.close()
-            raise TrainingDiverged(
-                f"training diverged at step {step + 1}: loss={loss_val} grad_norm={norm_val} (lr {lr:.3g}). "
-                f"Stopped without saving this state; last good checkpoint: {where}. Lower optim.lr or "
-                f"raise optim.warmup, then resume from it (resume=auto).")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+                if not cfg.max_steps:
+                    bar.set_description(f"pretrain {elapsed / 60:.1f}/{cfg.max_minutes:g} min")
+                bar.update(1)
 
-        dt = time.perf_counter() - t0
-        if budget_s and dist.enabled:
-            # The wall-clock budget must end every rank at the same step: rank 0's clock decides.
-            t = torch.tensor([dt], device=device, dtype=torch.float64)
-            torch.distributed.broadcast(t, 0)
-            dt = float(t)
-        elapsed += dt
-        if step == 1:
-            first_step_s = elapsed  # compilation and start-up: kept out of the schedule (budget_fraction)
-        win_tokens += n_tokens
-        win_time += dt
-        win_loss += loss_val
-        win_n += 1
-        last_loss = loss_val
+            done = progress(step, elapsed) >= 1.0
+            if stopped:
+                break
+            if cfg.eval_every and step % cfg.eval_every == 0 and not done:
+                run_eval()
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done:
+                last_ckpt = checkpoint()
+            if cfg.debug_step_delay_s:
+                time.sleep(cfg.debug_step_delay_s)  # test knob: widen the window for a kill
 
-        if step % cfg.log_every == 0 or progress(step, elapsed) >= 1.0:
-            stats = torch.tensor([win_loss / win_n, float(win_tokens)], dtype=torch.float64, device=device)
-            if dist.enabled:  # mean loss and total tokens over ranks
-                torch.distributed.all_reduce(stats)
-                stats[0] /= dist.world
-            tok_s = float(stats[1]) / max(win_time, 1e-9)
-            m = mfu(n_params, tok_s / dist.world, peak)
-            row = {"split": "train", "step": step, "loss": float(stats[0]), "lr": lr, "grad_norm": norm_val,
-                   "tokens_per_s": tok_s, "mfu": m, "elapsed_s": elapsed, "batch_size": step_batch,
-                   "sequences": consumed, **reader.progress()}
-            write_metrics(row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                                mfu="n/a" if m is None else f"{m:.1%}", refresh=False)
-            win_tokens, win_time, win_loss, win_n = 0, 0.0, 0.0, 0
+    if stopped:
         if bar is not None:
-            if cfg.max_steps:
-                bar.update(1)
-            else:
-                bar.set_description(f"pretrain {elapsed / 60:.1f}/{cfg.max_minutes:g} min")
-                bar.update(1)
-
-        done = progress(step, elapsed) >= 1.0
-        if cfg.eval_every and step % cfg.eval_every == 0 and not done:
-            last_eval = run_eval()
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done:
-            rngs = [rng_state()]
-            if dist.enabled:  # every rank's dropout RNG, so a resume continues each rank's stream
-                rngs = [None] * dist.world
-                torch.distributed.all_gather_object(rngs, rng_state())
-            data_state = reader_states(reader, dist, consumed, first_step_s)
-            if dist.is_main:
-                last_ckpt = save_checkpoint(out_dir, raw_model, optimizer, step, elapsed, rngs, cfg,
-                                            cfg.keep_checkpoints, data_state)
-                say(f"checkpoint: {last_ckpt}")
-            dist.barrier()
-        if cfg.debug_step_delay_s:
-            time.sleep(cfg.debug_step_delay_s)  # test knob: widen the window for a kill
-
+            bar.close()
+            bar = None
+        path = checkpoint()  # every rank takes part (RNG and data positions are gathered)
+        reader.close()
+        return _stop_after_signal(stop, step, elapsed, path, metrics_f, metrics_path, cfg, dist, say)
     reader.close()
     if bar is not None:
         bar.close()
@@ -526,21 +492,12 @@ def _train(cfg: PretrainConfig, log) -> Dict:
     summary = {"output_dir": out_dir, "steps": step, "elapsed_s": elapsed, "last_train_loss": last_loss,
                "metrics": metrics_path, "checkpoint": last_ckpt}
     if dist.is_main:
-        final_eval = run_eval() if eval_batches else None
-        if final_eval:
-            last_eval = final_eval
-        final_dir = os.path.join(out_dir, "final")
-        tmp = final_dir + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        raw_model.save_pretrained(tmp)
-        tok.save(tmp)
-        save_config(cfg, os.path.join(tmp, "pretrain_config.yaml"))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+        run_eval()
         metrics_f.close()
-        png = plot_losses(metrics_path, os.path.join(out_dir, "loss.png"),
-                          title=f"{cfg.model.preset} MLM pretraining") if cfg.plot else None
-        summary.update(final_dir=final_dir, plot=png, first_eval=first_eval, last_eval=last_eval)
+        final_dir = _write_final(out_dir, raw_model, tok, cfg)
+        png = _plot(cfg, metrics_path, out_dir)
+        first, last = evals_from_metrics(metrics_path)
+        summary.update(final_dir=final_dir, plot=png, first_eval=first, last_eval=last)
         say(f"done: {step} steps in {elapsed / 60:.1f} min; final model -> {final_dir}")
         say(f"      metrics -> {metrics_path}" + (f"; loss plot -> {png}" if png else ""))
     dist.barrier()
@@ -549,15 +506,57 @@ def _train(cfg: PretrainConfig, log) -> Dict:
     return summary
 
 
+def _plot(cfg: PretrainConfig, metrics_path: str, out_dir: str) -> Optional[str]:
+    return plot_losses(metrics_path, os.path.join(out_dir, "loss.png"),
+                       title=f"{cfg.model.preset} MLM pretraining") if cfg.plot else None
+
+
+def _write_final(out_dir: str, raw_model, tok, cfg: PretrainConfig) -> str:
+    """``final/``: weights, config, tokenizer files and the pretraining config, renamed into place last."""
+    final_dir = os.path.join(out_dir, "final")
+    tmp = final_dir + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw_model.save_pretrained(tmp)
+    tok.save(tmp)
+    save_config(cfg, os.path.join(tmp, "pretrain_config.yaml"))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+    return final_dir
+
+
+def _stop_after_signal(stop: StopSignals, step: int, elapsed: float, path: Optional[str], metrics_f,
+                       metrics_path: str, cfg: PretrainConfig, dist: Dist, say):
+    """SIGINT/SIGTERM, after the checkpoint of the step just finished (``path``): plot, then raise
+    :class:`TrainingInterrupted` so the caller exits cleanly."""
+    png = None
+    if dist.is_main:
+        metrics_f.close()
+        png = _plot(cfg, metrics_path, os.path.dirname(metrics_path))
+    dist.barrier()
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    summary = {"output_dir": os.path.dirname(metrics_path), "steps": step, "elapsed_s": elapsed,
+               "metrics": metrics_path, "checkpoint": path, "plot": png}
+    msg = (f"stopped by {stop.name} after step {step} ({elapsed / 60:.1f} min): checkpoint {path}, metrics "
+           f"{metrics_path}" + (f", loss plot {png}" if png else "") + ". Rerun the same command (resume=auto) "
+           "to continue exactly from here.")
+    say(msg)
+    raise TrainingInterrupted(msg, stop.signum, summary)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
+    from .config import config_help, shipped_configs
+    p = argparse.ArgumentParser(prog=prog_name("pretrain"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any config field can be overridden as key=value, nested keys with dots: "
-                                       "optim.lr=1e-3 max_steps=100 model.overrides.num_hidden_layers=4")
-    p.add_argument("--config", help="YAML file (train/configs/*.yaml); defaults apply without one")
+                                epilog="Any config key can be overridden as key=value, nested keys with dots "
+                                       "(optim.lr=1e-3 max_steps=100 model.overrides.num_hidden_layers=4).\n"
+                                       "Config keys and their defaults (a --config file replaces some of them):\n"
+                                       + "\n".join(config_help()))
+    p.add_argument("--config", help="a YAML file, or the name of a shipped config: "
+                                    f"{', '.join(shipped_configs())}; without one the defaults below apply")
     p.add_argument("--data", help="training data: a file, a directory of .jsonl/.jsonl.gz/.txt files, or a "
                                   "Hugging Face hub dataset name (sets data.train)")
     p.add_argument("--output-dir", help="where metrics, checkpoints, loss.png and final/ go (sets output_dir)")
@@ -567,13 +566,29 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def config_from_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    if args.config is None:
+        warn_if_defaults_on_cpu(list(args.overrides))
+    cfg = load_config(args.config, list(args.overrides))
     if args.data:
         cfg.data.train = args.data
     if args.output_dir:
         cfg.output_dir = args.output_dir
     return cfg.validate()
+
+
+def warn_if_defaults_on_cpu(overrides: Sequence[str]) -> bool:
+    """Without --config the defaults (the whole first corpus file tokenized with BERT's 30522-token
+    vocabulary, batch 64) suit a GPU; on a CPU they take ~13 s a step. Say so and name the CPU config."""
+    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), "auto")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("warning: no --config, so the built-in defaults apply (BERT's 30522-token vocabulary, the whole "
+              "training file tokenized, global batch 64), and there is no GPU here: on a CPU that is about 13 s "
+              "a step. For a CPU run use --config tiny-cpu (train/configs/tiny-cpu.yaml: a tiny model that "
+              "learns in minutes), or the quickstart (fastbert-quickstart / python -m train.quickstart).",
+              file=sys.stderr, flush=True)
+    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -587,7 +602,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
-    except (D.ShardError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:  # the message was logged; the conventional exit code of that signal
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted (outside the training steps: nothing new to resume from)", file=sys.stderr, flush=True)
+        return 130
+    except (ResumeError, D.ShardError, D.HubUnavailableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -18,6 +19,13 @@ GPU_BF16_PEAK_FLOPS = [
     ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
     ("A6000", 155e12), ("V100", 125e12),  # V100 has no bf16: its fp16 peak, for a rough MFU
 ]
+
+
+def prog_name(module: str) -> str:
+    """How the user started ``module`` (for usage lines): ``fastbert-<module>`` when run through the
+    installed console script, else ``python -m train.<module>`` (a checkout)."""
+    script = f"fastbert-{module}"
+    return script if os.path.basename(sys.argv[0] or "") == script else f"python -m train.{module}"
 
 
 def gpu_peak_flops(device: torch.device) -> Optional[float]:
@@ -156,3 +164,65 @@ def plot_losses(metrics_path: str, out_png: str, title: str = "") -> Optional[st
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+class StopSignals:
+    """Turn SIGINT / SIGTERM into a request to stop at the next step boundary (a preempted cluster job
+    gets SIGTERM and some seconds of grace; torchrun forwards it to every rank and waits 30 s).
+
+    ``with StopSignals() as stop: ... if stop.agreed(dist): ...``. A SIGINT more than ``patience_s`` after
+    the first signal restores the default behaviour and re-raises it (Ctrl-C twice aborts at once); repeats
+    within that window are ignored, because a launcher that forwards a signal its process group already
+    got (torchrun, on Ctrl-C or a group-wide SIGTERM) delivers it twice. Outside the main thread (where
+    Python cannot install handlers) it does nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, patience_s: float = 3.0):
+        self.signum: Optional[int] = None
+        self.patience_s = patience_s
+        self._first_at = 0.0
+        self._old: Dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        import time
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.patience_s:
+            self.__exit__(None, None, None)  # the user insists: stop waiting for the step boundary
+            signal.raise_signal(signum)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    @property
+    def name(self) -> str:
+        import signal
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def agreed(self, dist: "Dist") -> bool:
+        """Whether any rank was signalled; every rank gets the same answer (an all-reduce per call), so
+        all of them stop after the same step."""
+        local = self.signum is not None
+        if not dist.enabled:
+            return local
+        flag = torch.tensor([float(self.signum or 0)], device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        got = int(flag.item())  # a host sync; the loop already makes one per step
+        if self.signum is None and got:
+            self.signum = got  # another rank's signal: report it as ours
+        return got > 0

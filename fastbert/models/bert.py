@@ -444,6 +444,16 @@ class BertModel(BertPreTrainedModel):
         return _Encoded(x, indices, cu_seqlens, max_seqlen, B, S)
 
     @staticmethod
+    def mean_tokens(enc: _Encoded) -> Tensor:
+        """``[B, H]``: the mean of each sequence's real tokens (fp32 sums, returned in ``enc.x.dtype``); an
+        empty sequence gets zeros."""
+        x = enc.x
+        seq = torch.div(enc.indices, enc.seqlen, rounding_mode="floor")  # [T]: which sequence a token is in
+        sums = torch.zeros(enc.batch, x.shape[1], device=x.device, dtype=torch.float32).index_add_(0, seq, x.float())
+        counts = (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1]).clamp(min=1).unsqueeze(1)  # static shape [B, 1]
+        return (sums / counts).to(x.dtype)
+
+    @staticmethod
     def first_tokens(enc: _Encoded) -> Tensor:
         """``[B, H]``: each sequence's first real token ([CLS] for right-padded batches). An empty sequence
         gets a neighbour's row (finite, meaningless)."""
@@ -536,7 +546,8 @@ class BertForMaskedLM(BertPreTrainedModel):
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
-    """BERT + pooler on the first token + dropout + ``classifier = Linear(H, num_labels)``.
+    """BERT + pooler on the first token (or the token mean: ``config.classifier_pooling``) + dropout +
+    ``classifier = Linear(H, num_labels)``.
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
     ``SequenceClassifierOutput``: ``logits`` ``[B, num_labels]``; with ``labels`` ``[B]``, ``loss`` is
@@ -561,7 +572,8 @@ class BertForSequenceClassification(BertPreTrainedModel):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> SequenceClassifierOutput:
         enc = self.bert.encode(input_ids, attention_mask, token_type_ids)
-        pooled = self.bert.pooler(BertModel.first_tokens(enc))
+        pick = BertModel.mean_tokens if self.config.classifier_pooling == "mean" else BertModel.first_tokens
+        pooled = self.bert.pooler(pick(enc))
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:

@@ -20,6 +20,7 @@ _ATTENTION_IMPLS = ("unpadded", "padded_sdpa")
 _ACTIVATIONS = ("gelu", "gelu_tanh")
 _LN_POSITIONS = ("post", "pre")
 _MLM_HEADS = ("sparse", "dense")
+_POOLINGS = ("cls", "mean")
 
 _SIZES: Dict[str, Dict[str, int]] = {
     # tiny/mini are for CPU runs and tests; base/large are MosaicBERT's / BERT's sizes.
@@ -59,6 +60,10 @@ class BertConfig:
         global_attn_every_n_layers: with a window, layer ``i`` is global when ``i % n == 0`` and local
             otherwise (ModernBERT's rule; ModernBERT-base uses ``n = 3``, ``w = 128``). Must stay 1 (the
             default) without a window, and be > 1 with one (n = 1 would make every layer global).
+        classifier_pooling: what ``BertForSequenceClassification``'s pooler reads: ``"cls"`` (the first
+            token, BERT's choice) or ``"mean"`` (the mean over each sequence's real tokens, as ModernBERT
+            offers). After a short MLM-only pretraining [CLS] carries little per-sentence signal (it is
+            never a prediction target); the mean of the token states does.
 
     Switches for the recipes of other papers (defaults: MosaicBERT's):
         position_embedding_type ``"sinusoidal"``: fixed sine/cosine positions times one learned scalar
@@ -100,6 +105,7 @@ class BertConfig:
     local_attention_window: Optional[int] = None
     global_attn_every_n_layers: int = 1
     classifier_dropout: Optional[float] = None
+    classifier_pooling: str = "cls"
     num_labels: int = 2
     layer_norm_position: str = "post"
     linear_bias: bool = True
@@ -132,7 +138,8 @@ class BertConfig:
                              "local_attention_window (the width of the local layers' window, ModernBERT: 128)")
         for name, allowed in (("position_embedding_type", _POSITION_TYPES), ("mlp_type", _MLP_TYPES),
                               ("attention_impl", _ATTENTION_IMPLS), ("hidden_act", _ACTIVATIONS),
-                              ("layer_norm_position", _LN_POSITIONS), ("mlm_head", _MLM_HEADS)):
+                              ("layer_norm_position", _LN_POSITIONS), ("mlm_head", _MLM_HEADS),
+                              ("classifier_pooling", _POOLINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         for name in ("linear_bias", "mlm_head_transform", "mlm_decoder_bias", "fp32_layer_norm", "embedding_layer_norm"):

@@ -72,7 +72,7 @@ from typing import Dict, List, Optional, Tuple
 
 from bench.perf_static import FACTS_VERSION, kernel_facts
 
-REPORT_VERSION = "2"  # 2: SASS / PTX facts for bench.perf_model in every record
+REPORT_VERSION = "4"  # 2: SASS / PTX facts for bench.perf_model in every record; 3, 4: .func prototypes, trailing definitions
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JSON = os.path.join(ROOT, "bench", "results", "compile-report.json")
 ARCHS = ("sm_80", "sm_90a")
@@ -146,10 +146,14 @@ def parse_ptxas(log: str) -> Dict[str, dict]:
 def ptx_entries(ptx: str) -> Dict[str, str]:
     """Split PTX into ``{entry name: text}`` (a file's device ``.func``s are appended to every entry)."""
     starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry\s+([\w$.]+)\s*\(", ptx)]
-    funcs = "".join(m.group(0) for m in re.finditer(r"\.func[^{]*\{.*?\n\}", ptx, re.S))
+    # definitions only: a prototype (``.func name(...);``, emitted before the entries for every non-inlined
+    # function) has no body, and matching across its ``;`` swallowed the whole first entry into funcs
+    defs = list(re.finditer(r"\.func[^{;]*\{.*?\n\}", ptx, re.S))
+    funcs = "".join(m.group(0) for m in defs)
     out = {}
     for i, (pos, name) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(ptx)
+        end = min([end] + [m.start() for m in defs if m.start() > pos])  # definitions after it: appended once
         out[name] = ptx[pos:end] + funcs
     return out
 

@@ -41,6 +41,14 @@ class Launch:
     note: str = ""
     loads_per_trip: Optional[int] = None  # global loads per source iteration: the compiler's unroll = SASS / this
     smem_dynamic: int = 0                  # CUDA: dynamic shared memory per CTA at launch
+    # HMMA.16816-equivalents one warp runs per main-loop trip. A loop whose compiled body holds more (one
+    # copy of the tile math per ALiBi / mask form, one of which runs per trip) is counted at this tensor
+    # work with its own other-instructions-per-tensor-op ratio (bench.perf_model.predict_launch).
+    tensor_per_trip: float = 0.0
+    # whole_kernel: the kernel is counted as a whole, not as once + trips x main loop: each group's "trips"
+    # is then the HMMA-equivalents one warp runs on average in that CTA, and the kernel's instructions and
+    # wavefronts scale with it (for straight-line phases with form copies and a short inner loop)
+    whole_kernel: bool = False
 
     @property
     def n_ctas(self) -> int:
@@ -85,8 +93,19 @@ _ATTN_V1 = [("csrc/flash_attn.cu", r"constexpr int kWarps = 4;"),
             ("csrc/flash_attn.cu", r"kDqKeys = D <= 64 \? 64 : 16"),
             ("csrc/flash_attn.cu", r"kDkvQueries = D <= 64 \? 64 : 16"),
             ("csrc/flash_attn.cu", r"grid\(ceil_div\(max_seqlen, kRows\), p\.heads, p\.batch\)")]
+_ATTN_V3_SHORT = [  # v3 adds the single-CTA backward for short sequences (one block per sequence and head)
+    ("csrc/flash_attn.cu", r"constexpr int kShortRows = 128;"),
+    ("csrc/flash_attn.cu", r"constexpr int kShortThreads = 32 \* kShortRows / 16;"),
+    ("csrc/flash_attn.cu", r"if constexpr \(D <= 64\) \{"),
+    ("csrc/flash_attn.cu", r"if \(max_seqlen <= kShortRows\) \{"),
+    ("csrc/flash_attn.cu", r"FB_LAUNCH\(kern, dim3\(1, p\.heads, p\.batch\), dim3\(kShortThreads\), Cfg<D>::kShortSmem"),
+    ("csrc/flash_attn.cu", r"kShortSmem = \(\(size_t\)4 \* kShortRows \* LD \+ 2 \* kShortRows \* \(kShortRows \+ 8\)\) \* 2;"),
+    ("csrc/flash_attn.cu", r"dq +grid \(query blocks, H, B\): over the key tiles twice"),
+    ("csrc/flash_attn.cu", r"template <typename T, int D, bool kWindow>"),
+    ("kernels/attention.py", r"# Pass 2: dQ = sum_j dS_ij K_j")]
 MIRRORS: Dict[str, Dict[str, List[Tuple[str, str]]]] = {
-    "attention": {"v2": _ATTN_V1 + [  # the dq passes walk the key tiles twice (delta from P and dP, then dQ)
+    "attention": {"v3": _ATTN_V1 + _ATTN_V3_SHORT,
+                  "v2": _ATTN_V1 + [  # the dq passes walk the key tiles twice (delta from P and dP, then dQ)
         ("csrc/flash_attn.cu", r"dq +grid \(query blocks, H, B\): over key tiles twice"),
         ("csrc/flash_attn.cu", r"template <typename T, int D, bool kWindow>"),
         ("kernels/attention.py", r"# Pass 2: dQ = sum_j dS_ij K_j")],
@@ -169,6 +188,7 @@ def attention_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> 
     fwd_flops = 4.0 * sum_sq * H * D
     twice = tree.versions.get("attention") != "v1"  # v1 (b169a24): one pass over the key tiles in dq
     inst = ", false" if twice else ""  # v2: CUDA kernels templated on the window (false: global attention)
+    forms = tree.versions.get("attention") == "v3"  # v3: one copy of the tile math per score form
     out: List[Launch] = []
     if backend == "cuda":
         rows, keys = 64, (64 if D <= 64 else 32)
@@ -178,18 +198,35 @@ def attention_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> 
             out.append(Launch("flash_attn_fwd", "cuda", f"*flash_attn_fwd_kernel<__nv_bfloat16, {D}{inst}>*",
                               _attn_groups(L, H, rows, keys, S), 128,
                               hbm=_attn_bytes(sh, 3, 1, 1), l2=sh.T * H * D * BF16 * 2 + 2 * kv_reread + sh.T * H * F32,
-                              ideal=_attn_bytes(sh, 3, 1, 1), flops=fwd_flops))
-        if pass_ in ("bwd", "fwdbwd"):
+                              ideal=_attn_bytes(sh, 3, 1, 1), flops=fwd_flops,
+                              tensor_per_trip=2 * D * keys / 128 if forms else 0.0))  # S = Q K^T, O += P V
+        if pass_ in ("bwd", "fwdbwd") and tree.versions.get("attention") == "v3" and S <= 128 and D <= 64:
+            # one CTA of 8 warps per (sequence, head); its loop is the dK/dV phase over 16-query steps.
+            # Reads q, k, v, dout and lse once, writes dq, dk, dv; no delta workspace, no K/V re-reads.
+            d_ld = D + 8
+            smem = (4 * 128 * d_ld + 2 * 128 * 136) * BF16
+
+            def warp_tc(x):  # mean over the 8 warps: the live ones run phase 1 (S, dP, dQ per 64-key chunk)
+                live = cdiv(x, 16)  # and phase 2 (dV, dK per 16-query step); warps past the end exit
+                return live / 8 * (cdiv(x, 64) * 3 * D * 64 / 128 + live * 2 * D / 8)
+            groups = [(warp_tc(x), H) for x in L]
+            out.append(Launch("flash_attn_bwd_short", "cuda", f"*flash_attn_bwd_short_kernel<__nv_bfloat16, {D}, false>*",
+                              groups, 256, whole_kernel=True,
+                              hbm=_attn_bytes(sh, 4, 3, 1), l2=_attn_bytes(sh, 4, 3, 1), ideal=_attn_bytes(sh, 4, 3, 1),
+                              flops=2.5 * fwd_flops, smem_dynamic=smem))
+        elif pass_ in ("bwd", "fwdbwd"):
             out.append(Launch("flash_attn_bwd_dq", "cuda", f"*flash_attn_bwd_dq_kernel<__nv_bfloat16, {D}{inst}>*",
                               _attn_groups(L, H, rows, dq_keys, S), 128,
                               hbm=_attn_bytes(sh, 5, 1, 2), l2=_attn_bytes(sh, 3, 1, 2) + (4 if twice else 2) * kv_reread,
                               ideal=_attn_bytes(sh, 5, 1, 2), flops=(2.5 if twice else 1.5) * fwd_flops,
-                              other_trips=None if twice else 1))
+                              other_trips=None if twice else 1,
+                              tensor_per_trip=3 * D * dq_keys / 128 if forms else 0.0))  # S, dP, dQ += dS K
             qdo_reread = sum(cdiv(x, rows) * x for x in L) * H * (2 * D * BF16 + 2 * F32)
             out.append(Launch("flash_attn_bwd_dkdv", "cuda", f"*flash_attn_bwd_dkdv_kernel<__nv_bfloat16, {D}{inst}>*",
                               _attn_groups(L, H, rows, dkv_q, S), 128,
                               hbm=_attn_bytes(sh, 4, 2, 2), l2=_attn_bytes(sh, 2, 2, 0) + qdo_reread,
-                              ideal=_attn_bytes(sh, 4, 2, 2), flops=2.0 * fwd_flops))
+                              ideal=_attn_bytes(sh, 4, 2, 2), flops=2.0 * fwd_flops,
+                              tensor_per_trip=4 * D * dkv_q / 128 if forms else 0.0))  # S^T, dP^T, dV, dK
         return out
     cfgs = tree.attention._CONFIGS["sm90" if arch == "sm_90a" else "sm80"]
     gen = "sm90" if arch == "sm_90a" else "sm80"

@@ -246,13 +246,23 @@ def predict_launch(la: PL.Launch, rec: Optional[dict], gpu: GPU) -> dict:
     once_i = total["instr"] - loop_i - outer_i
     once_tc = total["tensor_equiv"] - loop_tc - outer_tc
     once_w = pk.get("wavefronts", 0) - loop_w - outer_w
+    if la.tensor_per_trip and loop_tc > la.tensor_per_trip:
+        # the loop body holds several copies of the tile math (one per score form) and runs one per trip:
+        # count the trip's real tensor work, with the loop's other instructions and wavefronts in proportion
+        f = la.tensor_per_trip / loop_tc
+        loop_i, loop_tc, loop_w = loop_i * f, la.tensor_per_trip, loop_w * f
+        outer_i, outer_tc, outer_w = outer_i * f, outer_tc * f, outer_w * f
     sync_loop = bool(main) and main["ldg"] > 0 and main["ldgsts"] + main["tma"] == 0
     unroll = max(1, round(main["ldg"] / la.loads_per_trip)) if main and la.loads_per_trip else 1
     k = occupancy(la, rec)
     durs, tot = [], {"issue": 0.0, "tensor": 0.0, "smem": 0.0}
     for src_trips, count in la.ctas:
         trips = -(-src_trips // unroll)
-        if trips == 0 and main:
+        if la.whole_kernel:  # src_trips: the HMMA-equivalents a warp of this CTA runs (see PL.Launch)
+            f = src_trips / total["tensor_equiv"] if total["tensor_equiv"] else 0.0
+            instr, tc, wf = (total["instr"] * f, src_trips, pk.get("wavefronts", 0) * f) if src_trips else (EXIT_INSTR, 0.0, 0)
+            lat = MEM_LATENCY_CLK
+        elif trips == 0 and main:
             instr, tc, wf, lat = EXIT_INSTR, 0.0, 0, MEM_LATENCY_CLK
         else:
             other = trips if la.other_trips is None else la.other_trips  # None: they run like the main loop

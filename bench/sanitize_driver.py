@@ -149,13 +149,17 @@ def _mlm(c: Ctx):
     return [t for t in c.prim("mlm_loss", "sparse_mlm_loss_fwd", h, labels, w, b, -100, True) if t is not None]
 
 
-def _attention(D, alibi=True, window=None):
+def _attention(D, alibi=True, window=None, long=False, bert_len=512):
+    """long: a sequence past 128 tokens, so the CUDA backward takes its two-pass kernels (dq, dkdv) instead
+    of the one-block-per-sequence kernel. bert_len: the longest sequence of the BERT shapes (lengths spread
+    over [bert_len / 4, bert_len]; 8 sequences at 512, 32 at 128)."""
     def run(c: Ctx):
         if c.bert:
             g = torch.Generator().manual_seed(0)
-            seqlens, H = torch.randint(128, 513, (8,), generator=g).tolist(), 12
+            n = 8 * 512 // (4 * bert_len) if bert_len < 512 else 8
+            seqlens, H = torch.randint(bert_len // 4, bert_len + 1, (n,), generator=g).tolist(), 12
         else:
-            seqlens, H = [17, 1, 0, 40], 2
+            seqlens, H = ([150, 17, 1, 0] if long else [17, 1, 0, 40]), 2
         cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)
         cu = cu.to(c.device)
@@ -174,7 +178,9 @@ def _attention(D, alibi=True, window=None):
     return run
 
 
-ATT = ("fb::attn::flash_attn_fwd_kernel", "fb::attn::flash_attn_bwd_dq_kernel", "fb::attn::flash_attn_bwd_dkdv_kernel")
+ATT_FWD = "fb::attn::flash_attn_fwd_kernel"
+ATT = (ATT_FWD, "fb::attn::flash_attn_bwd_dq_kernel", "fb::attn::flash_attn_bwd_dkdv_kernel")  # two-pass backward
+ATT_SHORT = (ATT_FWD, "fb::attn::flash_attn_bwd_short_kernel")  # max_seqlen <= 128, head dim <= 64
 PW = {f: (f"fb::{f}_fwd_kernel", f"fb::{f}_bwd_kernel", REDUCE) for f in ("bias_gelu", "geglu")}
 SMALL_CASES: List[DriverCase] = [
     DriverCase("layer_norm/residual+affine/N64", "layer_norm", (LN, LN_BWD, REDUCE), _layer_norm(64, True, "both")),
@@ -190,9 +196,12 @@ SMALL_CASES: List[DriverCase] = [
     DriverCase("ce_rows/V64/grad", "mlm_loss", ("fb::cross_entropy_rows_kernel",), _ce_rows(64, True)),
     DriverCase("ce_rows/V37/loss-only", "mlm_loss", ("fb::cross_entropy_rows_kernel",), _ce_rows(37, False)),
     DriverCase("mlm_loss/sparse", "mlm_loss", ("fb::cross_entropy_rows_kernel",), _mlm),
-    *[DriverCase(f"attention/D{d}", "attention", ATT, _attention(d)) for d in (32, 64, 128)],
-    DriverCase("attention/D64/no-alibi", "attention", ATT, _attention(64, alibi=False)),
-    DriverCase("attention/D64/window", "attention", ATT, _attention(64, window=(8, 8))),
+    *[DriverCase(f"attention/D{d}", "attention", ATT_SHORT, _attention(d)) for d in (32, 64)],
+    DriverCase("attention/D128", "attention", ATT, _attention(128)),
+    *[DriverCase(f"attention/D{d}/long", "attention", ATT, _attention(d, long=True)) for d in (32, 64)],
+    DriverCase("attention/D64/no-alibi", "attention", ATT_SHORT, _attention(64, alibi=False)),
+    DriverCase("attention/D64/window", "attention", ATT_SHORT, _attention(64, window=(8, 8))),
+    DriverCase("attention/D64/window/long", "attention", ATT, _attention(64, window=(8, 8), long=True)),
 ]
 BERT_CASES: List[DriverCase] = [
     DriverCase("layer_norm+residual/768", "layer_norm", (LN, LN_BWD, REDUCE), _layer_norm(768, True, "both")),
@@ -202,6 +211,7 @@ BERT_CASES: List[DriverCase] = [
     DriverCase("ce_rows/30528", "mlm_loss", ("fb::cross_entropy_rows_kernel",), _ce_rows(30528, True)),
     DriverCase("mlm_loss/sparse/30528", "mlm_loss", ("fb::cross_entropy_rows_kernel",), _mlm),
     DriverCase("attention/D64/S512", "attention", ATT, _attention(64)),
+    DriverCase("attention/D64/S128", "attention", ATT_SHORT, _attention(64, bert_len=128)),
 ]
 
 

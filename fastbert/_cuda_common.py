@@ -59,6 +59,11 @@ def attn_unsupported(primitive: str, *args) -> Optional[str]:
             return f"the CUDA attention grid puts sequences on axis z: at most {GRID_YZ_MAX} sequences, got {B}"
         if H > GRID_YZ_MAX:
             return f"the CUDA attention grid puts heads on axis y: at most {GRID_YZ_MAX} heads, got {H}"
+        at = 9 if primitive == "flash_attn_bwd" else 6
+        scale = args[at] if len(args) > at else None
+        if scale is not None and not (0.0 < float(scale) < float("inf")):
+            # csrc/flash_attn_tiles.cuh keeps scores in units of q.k and takes the row max before scaling
+            return f"the CUDA attention kernels need a finite softmax_scale > 0, got {scale}"
         if T * H * D > INT32_MAX:
             # csrc/flash_attn.cu forms ((start + i) * heads + h) * D in int for dq/dk/dv (the forward uses int64)
             return (f"the CUDA attention backward indexes [T, H, D] gradients with 32-bit offsets: T * H * D < 2^31, "

@@ -134,8 +134,9 @@ _TRITON = ("triton", "cuda", "torch")
 _CUDA = ("cuda", "triton", "torch")
 AUTO_BY_GENERATION: Dict[Tuple[str, str], Dict[str, Tuple[Tuple[str, ...], str]]] = {
     ("cuda", "sm_90"): {
-        "attention": (_TRITON, f"triton 1.61x faster on H100: wgmma and a 3-stage cp.async pipeline against "
-                               f"mma.sync with synchronous loads and ~15 other instructions per mma ({_MODEL})"),
+        "attention": (_TRITON, f"cuda and triton within 5% on H100 (cuda 1.01x: faster at seq 128 with its "
+                               f"one-block backward, slower at 512): triton kept until a GPU run of the new CUDA "
+                               f"paths ({_MODEL})"),
         "layer_norm": (_TRITON, f"triton 6.8x faster on H100: the CUDA backward's dW/dB shared-memory "
                                 f"accumulators conflict 8-way and 3 CTAs reduce its partial rows ({_MODEL})"),
         "bias_gelu": (_TRITON, f"triton 1.40x faster on H100: fewer instructions per element ({_MODEL})"),
@@ -145,8 +146,8 @@ AUTO_BY_GENERATION: Dict[Tuple[str, str], Dict[str, Tuple[Tuple[str, ...], str]]
                               f"share the same GEMMs and elementwise passes ({_MODEL})"),
     },
     ("cuda", "sm_80"): {
-        "attention": (_TRITON, f"triton 1.14x faster on A100: cp.async pipeline against synchronous loads; "
-                               f"both use mma.sync ({_MODEL})"),
+        "attention": (_CUDA, f"cuda 1.51x faster on A100: both mma.sync with cp.async, the CUDA loops with ~5 "
+                             f"other instructions per mma, and its 5-matmul one-block backward at seq <= 128 ({_MODEL})"),
         "layer_norm": (_TRITON, f"triton 5.4x faster on A100: the CUDA backward's conflicted shared-memory "
                                 f"accumulators and 3-CTA partial reduction ({_MODEL})"),
         "bias_gelu": (_TRITON, f"triton 1.39x faster on A100 ({_MODEL})"),

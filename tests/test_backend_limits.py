@@ -96,6 +96,10 @@ LIMITS = [
     ("cuda_host", "flash_attn_fwd", _attn_args(2**24, 2, 64, 1, torch.bfloat16), torch.bfloat16,
      r"T \* H \* D < 2\^31"),  # the forward refuses too: its backend runs the backward
     ("cuda_host", "flash_attn_fwd", _attn_args(8, 2, 64, 1, torch.float32), torch.float32, "float16 and bfloat16"),
+    ("cuda_host", "flash_attn_fwd", _attn_args(8, 2, 64, 1, torch.bfloat16)[:6] + (-0.5,), torch.bfloat16,
+     "softmax_scale > 0, got -0.5"),
+    ("cuda_host", "flash_attn_bwd", _attn_bwd_args(8, 2, 64, 1, torch.bfloat16)[:9] + (0.0,), torch.bfloat16,
+     "softmax_scale > 0, got 0.0"),
     ("cuda_host", "bias_gelu_fwd", (_meta(2**31, 1), None, "none"), torch.bfloat16, "32-bit ints"),
     ("cuda_host", "geglu_bwd", (_meta(1, 2**31), _meta(1, 2**32), None, "none"), torch.bfloat16, "32-bit ints"),
     ("cuda_host", "layer_norm_fwd", (_meta(2**31, 8), None, None, None, 1e-5), torch.bfloat16, "32-bit ints"),

@@ -58,7 +58,7 @@ def _inputs(seqlens, H, D, dtype, layout="fused", pool=None):
     return q, k, v, cu
 
 
-def _check(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None):
+def _check(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None, before_bwd=None):
     pool = GuardPool()
     q, k, v, cu = _inputs(seqlens, H, D, dtype, layout, pool)
     B = len(seqlens)
@@ -68,11 +68,15 @@ def _check(seqlens, H, D, dtype, slopes_kind, layout="fused", max_seqlen=None):
         slopes = R.alibi_slopes(H).expand(B, H).contiguous()
     elif slopes_kind == "per_seq":  # [B, H] with a different slope per sequence
         slopes = (R.alibi_slopes(H)[None] * torch.rand(B, 1) * 2).contiguous()
+    elif isinstance(slopes_kind, float):  # one given slope
+        slopes = torch.full((B, H), slopes_kind)
     scale = 1.0 / math.sqrt(D) * 1.3  # not the default, to catch a dropped scale
     do = pool.put(torch.randn(q.shape).to(dtype), "dout")
 
     with pool.allocations():  # outputs and workspaces guarded + poisoned; guards verified after each call
         out, lse = CH.flash_attn_fwd(q, k, v, cu, ms, slopes, scale)
+    if before_bwd is not None:  # tests: switch a planted bug on for the backward alone
+        before_bwd()
     with pool.allocations():
         dq, dk, dv = CH.flash_attn_bwd(do, q, k, v, out, lse, cu, ms, slopes, scale)
 
@@ -114,9 +118,18 @@ def test_several_tiles_per_sequence():
     _check([130, 5], 1, 64, torch.bfloat16, "alibi", max_seqlen=150)
 
 
-def test_scalar_load_path():
-    """Strides that are not multiples of 8 elements: the kernels fall back to element-wise loads."""
-    _check([3, 17], 2, 32, torch.float16, "alibi", layout="odd")
+def test_whole_sequence_backward_with_linear_alibi_tiles():
+    """max_seqlen <= 128: the backward's one-block-per-sequence kernel. A full 128-token sequence gives key
+    chunks wholly right and wholly left of a warp's rows (the linear ALiBi forms) in it and in the forward,
+    a 70-token one a chunk cut by the sequence end; slope 0.3 makes the bias matter."""
+    _check([128, 70, 3], 2, 64, torch.bfloat16, 0.3)
+
+
+@pytest.mark.parametrize("max_seqlen", [None, 140])
+def test_scalar_load_path(max_seqlen):
+    """Strides that are not multiples of 8 elements: the kernels fall back to element-wise loads (the short
+    backward, and with a loose max_seqlen the two-pass one)."""
+    _check([3, 17], 2, 32, torch.float16, "alibi", layout="odd", max_seqlen=max_seqlen)
 
 
 def test_debug_mode_shuffled_threads_and_poisoned_shared_memory():
@@ -189,17 +202,19 @@ def _cuda_reason():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths", ["512", "128"])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_cuda_backend_bert_shapes(D, dtype):
-    """fastbert._C attention at BERT-like shapes (lengths up to 512 with spread, an empty and a length-1
-    sequence), against the fp64 reference with the low-dtype reference as the peer; the backward must
-    be bitwise deterministic (dQ has its own pass, no atomics)."""
+def test_gpu_cuda_backend_bert_shapes(D, dtype, lengths):
+    """fastbert._C attention at BERT-like shapes (lengths up to 512 or up to 128 with spread, an empty and
+    a length-1 sequence: the two-pass backward, and for head dims <= 64 the one-block-per-sequence one),
+    against the fp64 reference with the low-dtype reference as the peer; the backward must be bitwise
+    deterministic (no atomics in either)."""
     reason = _cuda_reason()
     if reason:
         pytest.skip(reason)
     from fastbert import cuda_backend as CB
-    seqlens = [512, 1, 0, 300, 77, 128, 511]
+    seqlens = [512, 1, 0, 300, 77, 128, 511] if lengths == "512" else [128, 1, 0, 100, 77, 128, 33, 64]
     H, dev = 12 if D == 64 else 8, "cuda"
     q, k, v, cu = (t.to(dev) for t in _inputs(seqlens, H, D, dtype))
     slopes = R.alibi_slopes(H).to(dev).expand(len(seqlens), H).contiguous()

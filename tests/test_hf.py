@@ -86,7 +86,14 @@ def _check(got, ref, peer, what):
     for r in (ref, peer):  # a NaN reference would make every comparison below pass
         assert all(torch.isfinite(t).all() for t in list(r[0].values()) + list(r[1].values())), f"{what}: reference"
     for k in ref[0]:
-        assert_close(vals[k].to(peer[0][k].dtype), ref[0][k], peer=peer[0][k], factor=2, name=f"{what}: {k}")
+        floor = 1e-6
+        if k == "loss":
+            # The loss is one number, so PyTorch's own error on it is a single sample that can be tiny by chance
+            # (a bf16 model's loss once met 4e-5 where ours had 1.9e-4). The mean cross-entropy moves by at most
+            # twice the largest logit change, so the logits' rule bounds it: 2 x (factor x the peer's logit error).
+            floor += 2 * 2 * (peer[0]["logits"].double() - ref[0]["logits"].double()).abs().max().item()
+        assert_close(vals[k].to(peer[0][k].dtype), ref[0][k], peer=peer[0][k], factor=2, name=f"{what}: {k}",
+                     atol_floor=floor)
     assert grads.keys() == ref[1].keys(), f"{what}: gradients of {sorted(set(ref[1]) ^ set(grads))}"
     for n in ref[1]:
         assert_close(grads[n], ref[1][n], peer=peer[1][n], factor=3, name=f"{what}: grad {n}")

@@ -258,6 +258,32 @@ SASS = """
 """
 
 
+def test_ptx_entries_split_after_func_prototypes():
+    """A non-inlined device function gets a prototype (``.func name(...);``) before the entries: the split
+    appends only function definitions to each entry, never the text up to the first entry's closing brace
+    (which credited one kernel with another's shared accesses)."""
+    from bench.compile_report import ptx_entries
+    ptx = textwrap.dedent("""\
+        .func helper(.param .b64 p);
+        .visible .entry first(.param .u64 a)
+        {
+        \tst.shared.u32 [%r1], %r2;
+        }
+        .visible .entry second(.param .u64 a)
+        {
+        \tld.shared.u32 %r3, [%r4];
+        }
+        .func helper(.param .b64 p)
+        {
+        \tret;
+        }
+        """)
+    e = ptx_entries(ptx)
+    assert set(e) == {"first", "second"}
+    assert "st.shared" not in e["second"] and "ld.shared" not in e["first"]
+    assert all(v.count("ret;") == 1 for v in e.values())  # the definition, appended once to each
+
+
 def test_sass_loops_and_tensor_work():
     f = PS.sass_facts(SASS)
     m = f["main"]

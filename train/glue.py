@@ -549,6 +549,12 @@ def run(model_dir, tasks="all", data_dir=None, output_dir=None, overrides: dict 
             _update_glue(results)
             if out_dir is not None and d.main:
                 _write_results(results, out_dir)
+        if d.world > 1:
+            # All ranks leave together: a rank that tears gloo down while its peer is still writing results
+            # can abort the peer at exit ("terminate called without an active exception").
+            import torch.distributed as dist
+
+            dist.barrier()
     finally:
         if d.owns_group:
             import torch.distributed as dist

@@ -219,8 +219,8 @@ def _mlm(provider, hidden) -> Case:
               flops=2.0 * n * hidden * VOCAB, bwd_flops=4.0 * n * hidden * VOCAB, tokens=T,
               extra={"labelled": n})
     if provider.startswith("fastbert-"):
-        fn = fastbert_fn(provider, "mlm_loss", "sparse_mlm_loss")
-        return _case(provider, lambda d: fn(*args(d)), **kw)
+        fn = fastbert_fn(provider, "mlm_loss", "sparse_mlm_loss")  # max_labelled = n: no host sync (as the model)
+        return _case(provider, lambda d: fn(*args(d), -100, n), **kw)
     if provider == "dense":
         return _case(provider, lambda d: _dense_loss(*args(d)), **kw)
     if provider == "dense-compile":

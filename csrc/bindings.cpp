@@ -296,21 +296,39 @@ std::tuple<Tensor, OptT, OptT> layer_norm_bwd(const Tensor& dy, const Tensor& z,
 }
 
 // ---- MLM loss row kernel -----------------------------------------------------------------------
-// logits [n, V] contiguous (overwritten with grad_scale * (softmax - onehot) when grad_scale is given),
-// targets [n] int64 -> loss [n] fp32.
-Tensor cross_entropy_rows(Tensor logits, const Tensor& targets, std::optional<double> grad_scale) {
+// logits [n, V] fp32 contiguous (without the bias), targets [n] int64, bias [V] fp32 or None, grad [n, V]
+// contiguous fp32/bf16/fp16 or None (written with grad_scale * (softmax - onehot); may be logits itself)
+// -> loss [n] fp32. A negative target is a padding row (loss 0, zero gradient); a target >= V gives NaN.
+Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, const OptT& bias, const OptT& grad,
+                          double grad_scale) {
   check_matrix("logits", logits);
+  check_dtype("logits", logits, at::kFloat);
   check_device("targets", targets, logits);
   check_dtype("targets", targets, at::kLong);
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), "targets: expected shape (", logits.size(0),
               ",), got ", shape_str(targets));
+  const int64_t V = logits.size(1);
+  Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = *bias;
+    check_device("bias", b, logits);
+    check_dtype("bias", b, at::kFloat);
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == V && b.is_contiguous(), "bias: expected a contiguous (", V,
+                ",) tensor, got ", shape_str(b));
+  }
+  Tensor g;
+  if (grad.has_value() && grad->defined()) {
+    g = *grad;
+    check_matrix("grad", g);
+    check_device("grad", g, logits);
+    check_shape_like("grad", g, "logits", logits);
+  }
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor tgt = targets.contiguous();
   Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
-  fb::launch_cross_entropy_rows(dtype_code(logits), logits.data_ptr(), tgt.data_ptr<int64_t>(),
-                                loss.data_ptr<float>(), logits.size(0), logits.size(1),
-                                grad_scale.has_value() ? (float)*grad_scale : 0.f, grad_scale.has_value(),
-                                at::cuda::getCurrentCUDAStream());
+  fb::launch_cross_entropy_rows(logits.data_ptr<float>(), fptr(b), tgt.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                g.defined() ? dtype_code(g) : fb::kF32, vptr(g), logits.size(0), V,
+                                (float)grad_scale, at::cuda::getCurrentCUDAStream());
   return loss;
 }
 
@@ -443,7 +461,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("geglu_bwd", &geglu_bwd, "(dx, dbias) of geglu_fwd");
   m.def("layer_norm_fwd", &layer_norm_fwd, "(y, z, mean, rstd)");
   m.def("layer_norm_bwd", &layer_norm_bwd, "(dz, dweight, dbias)");
-  m.def("cross_entropy_rows", &cross_entropy_rows, "per-row CE loss; logits overwritten with the scaled gradient");
+  m.def("cross_entropy_rows", &cross_entropy_rows, "per-row CE loss of logits + bias; writes the scaled gradient");
   m.attr("layer_norm_max_n") = fb::layer_norm_max_n();
   m.def("flash_attn_fwd", &flash_attn_fwd, "(out [T,H,D], lse [H,T] fp32) of ALiBi varlen flash attention");
   m.def("flash_attn_bwd", &flash_attn_bwd, "(dq, dk, dv) of flash_attn_fwd");

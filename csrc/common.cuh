@@ -82,6 +82,38 @@ __device__ __forceinline__ void store_f(T* __restrict__ p, const float (&in)[VEC
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
+// VEC fp32 values at p (16-byte aligned when VEC % 4 == 0): float4 accesses, else scalar. For fp32
+// parameter vectors read alongside VEC-wide rows of a narrower T (VEC = 8 for bf16: two float4).
+template <int VEC>
+__device__ __forceinline__ void load_f32(const float* __restrict__ p, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      const Pack<float, 4> pk = *reinterpret_cast<const Pack<float, 4>*>(p + j);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[j + i] = pk.v[i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = p[i];
+  }
+}
+template <int VEC>
+__device__ __forceinline__ void store_f32(float* p, const float (&in)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      Pack<float, 4> pk;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pk.v[i] = in[j + i];
+      *reinterpret_cast<Pack<float, 4>*>(p + j) = pk;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p[i] = in[i];
+  }
+}
+
 // Elements per 16-byte vector, or 1 when the pointers or the row length do not allow it.
 template <typename T>
 inline int vec_width(int64_t row_len, std::initializer_list<const void*> ptrs) {

@@ -80,10 +80,10 @@ FBH_API const char* fbh_layer_norm_bwd(int dtype, const void* dy, const void* z,
     fb::launch_layer_norm_bwd(dtype, dy, z, w, mean, rstd, dz_extra, dz, part_dw, part_db, dw, db, M, N, G, nullptr);
   });
 }
-FBH_API const char* fbh_cross_entropy_rows(int dtype, void* logits, const int64_t* targets, float* loss, int n, int V,
-                                           float grad_scale, int write_grad) {
+FBH_API const char* fbh_cross_entropy_rows(const float* logits, const float* bias, const int64_t* targets,
+                                           float* loss, int grad_dtype, void* grad, int n, int V, float grad_scale) {
   return guarded([&] {
-    fb::launch_cross_entropy_rows(dtype, logits, targets, loss, n, V, grad_scale, write_grad != 0, nullptr);
+    fb::launch_cross_entropy_rows(logits, bias, targets, loss, grad_dtype, grad, n, V, grad_scale, nullptr);
   });
 }
 FBH_API const char* fbh_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, int64_t q_st,

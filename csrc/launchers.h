@@ -37,9 +37,10 @@ void launch_layer_norm_bwd(int dtype, const void* dy, const void* z, const float
                            const float* rstd, const void* dz_extra, void* dz, float* part_dw, float* part_db,
                            float* dw, float* db, int M, int N, int G, cudaStream_t stream);
 
-// mlm_loss.cu
-void launch_cross_entropy_rows(int dtype, void* logits, const int64_t* targets, float* loss, int n, int V,
-                               float grad_scale, bool write_grad, cudaStream_t stream);
+// mlm_loss.cu (logits [n, V] fp32 without the bias, bias [V] fp32 or null, grad [n, V] of grad_dtype or null:
+// grad_scale * (softmax - onehot), may alias logits when fp32; targets < 0: padding rows, >= V: NaN)
+void launch_cross_entropy_rows(const float* logits, const float* bias, const int64_t* targets, float* loss,
+                               int grad_dtype, void* grad, int n, int V, float grad_scale, cudaStream_t stream);
 
 // flash_attn.cu (dtype kF16 / kBF16 only; head_dim 32, 64 or 128). q, k, v: [T, H, D] with unit stride over
 // D and the given token / head strides (elements); out, dout, dq, dk, dv: contiguous [T, H, D]; lse, delta:

@@ -1,23 +1,27 @@
 // layer_norm.cu: LayerNorm forward/backward over the last dim, optional fused residual add, fp32 statistics.
 //
 // Layout: a row is handled by TPR threads (a power of two, 32..1024, blockDim.x) and a block holds
-// R = max(1, 128 / TPR) rows (blockDim.y), so small rows (BERT's 768/1024) get one or two warps and
-// warp-shuffle reductions, long rows a whole block. Each thread keeps its share of the row in
-// registers (16 fp32 values: NV 128-bit vectors of VEC elements, VEC = 16 bytes / sizeof(T)), so x
-// is read once; that caps N at 16 * 1024 = 16384 (the launchers reject larger rows).
-// Weight and bias arrive as fp32 [N] (the callers convert these tiny vectors once).
+// R rows (blockDim.y): the forward R = max(1, 128 / TPR), so small rows (BERT's 768/1024) get one or two
+// warps and warp-shuffle reductions, long rows a whole block; the backward R = max(1, 512 / TPR). Each
+// thread keeps its share of the row in registers (16 fp32 values: NV 128-bit vectors of VEC elements,
+// VEC = 16 bytes / sizeof(T)), so x is read once; that caps N at 16 * 1024 = 16384 (the launchers reject
+// larger rows). Weight and bias arrive as fp32 [N] (the callers convert these tiny vectors once) and are
+// read as 16-byte vectors like the rows.
 //
+// The backward's R x N fp32 combine buffer is at most 32 KiB (N = 4096: R = 2):
+// fastbert: dynamic-smem: *layer_norm_bwd_kernel*: 32768
 // fastbert: cold: *fb::layer_norm_*_kernel<*, 1>*: VEC=1 fallback for rows not 16-byte multiples/aligned; BERT rows take the vector path
 // fastbert: spill-ok: only the scalar fallbacks (VEC = 1, rows whose length is not a multiple of 16 bytes,
-// e.g. N = 1023) spill 8 bytes on some arch/dtype: 16 independently addressed elements per thread under
-// the 64-register cap of 1024-thread blocks. BERT widths (multiples of 8) take the 128-bit path, which
-// does not spill (see the ptxas report of tests/test_cuda_compile.py).
+// e.g. N = 1023) spill a few bytes on some arch/dtype: 16 independently addressed elements per thread
+// under the 64-register cap of 1024-thread blocks. BERT widths (multiples of 8) take the 128-bit path,
+// which does not spill (see the ptxas report of tests/test_cuda_compile.py).
 #include "common.cuh"
 
 namespace fb {
 
 constexpr int kLnValsPerThread = 16;
 constexpr int kLnMaxN = kLnValsPerThread * 1024;
+constexpr int kLnBwdThreads = 512;  // threads per backward block when a row needs fewer
 
 // Sum of v over the TPR threads of this row; every thread of the block must call it (it may
 // __syncthreads). red: shared scratch of at least 32 * blockDim.y floats.
@@ -87,12 +91,14 @@ layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ res, const 
   for (int k = 0; k < NV; ++k) {
     const int col = (k * tpr + threadIdx.x) * VEC;
     if (col < N) {
-      float o[VEC];
+      float o[VEC], wv[VEC], bv[VEC];
+      if (w != nullptr) load_f32<VEC>(w + col, wv);
+      if (b != nullptr) load_f32<VEC>(b + col, bv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         float v = (h[k][i] - mean) * rstd;
-        if (w != nullptr) v *= w[col + i];
-        if (b != nullptr) v += b[col + i];
+        if (w != nullptr) v *= wv[i];
+        if (b != nullptr) v += bv[i];
         o[i] = v;
       }
       store_f<T, VEC>(y + base + col, o);
@@ -105,10 +111,70 @@ layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ res, const 
 }
 
 // Backward. Block g handles rows g*R + ty, g*R + ty + G*R, ...; each thread accumulates dweight/dbias
-// for its fixed columns in dynamic shared memory (acc_w / acc_b [R][N] fp32: slots owned by one thread
-// each, so no atomics; keeping them in registers would spill under the 64-register cap of 1024-thread
-// blocks). At the end the R rows of the block are combined in a fixed order and the block writes one
-// partial row (part_dw/part_db [G, N]) that launch_reduce_partials sums (deterministic).
+// for its fixed columns in registers (no shared-memory traffic per element), reading z and dy twice per
+// row (the second time from L1: keeping xhat in registers too would spill under the 64-register cap).
+// At the end the block's R row-groups are combined through shared memory in a fixed order and the block
+// writes one partial row (part_dw/part_db [G, N], G ~ 1-2 per SM) that launch_reduce_partials sums
+// (deterministic, no atomics).
+template <typename T, int VEC>
+__device__ __forceinline__ void ln_bwd_load(const T* __restrict__ dy, const T* __restrict__ z,
+                                            const float* __restrict__ w, int64_t off, int col, float mu, float rs,
+                                            float (&d)[VEC], float (&xh)[VEC], float (&g)[VEC]) {
+  load_f<T, VEC>(z + off, xh);
+  load_f<T, VEC>(dy + off, d);
+  if (w != nullptr) load_f32<VEC>(w + col, g);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    xh[i] = (xh[i] - mu) * rs;
+    g[i] = w != nullptr ? d[i] * g[i] : d[i];
+  }
+}
+
+// One partial row (the sum over the block's R row-groups, fixed order) of acc into part[blockIdx.x, :].
+// comb: R * N floats of shared memory (unused when R == 1).
+template <int VEC, int NV>
+__device__ __forceinline__ void ln_write_partial(const float (&acc)[NV][VEC], float* comb, float* __restrict__ part,
+                                                 int N) {
+  const int tpr = blockDim.x, R = blockDim.y;
+  float* out = part + (int64_t)blockIdx.x * N;
+  if (R == 1) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int col = (k * tpr + threadIdx.x) * VEC;
+      if (col < N) store_f32<VEC>(out + col, acc[k]);
+    }
+    return;
+  }
+  __syncthreads();  // a previous call's readers are done with comb
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int col = (k * tpr + threadIdx.x) * VEC;
+    if (col >= N) continue;
+    if constexpr (VEC == 8) {
+      // 32 bytes per lane: lanes 4-7 of each 8-lane phase of a 16-byte store would hit the banks of lanes
+      // 0-3 (2-way conflict); they store their two halves in the other order, which fills the other banks.
+      const int sw = (threadIdx.x >> 2) & 1;
+      Pack<float, 4> lo, hi;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        lo.v[i] = sw ? acc[k][4 + i] : acc[k][i];
+        hi.v[i] = sw ? acc[k][i] : acc[k][4 + i];
+      }
+      Pack<float, 4>* dst = reinterpret_cast<Pack<float, 4>*>(comb + threadIdx.y * N + col);
+      dst[sw] = lo;
+      dst[sw ^ 1] = hi;
+    } else {
+      store_f32<VEC>(comb + threadIdx.y * N + col, acc[k]);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.y * tpr + threadIdx.x; c < N; c += R * tpr) {
+    float s = 0.f;
+    for (int r = 0; r < R; ++r) s += comb[r * N + c];  // fixed order: deterministic
+    out[c] = s;
+  }
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024)
 layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ z, const float* __restrict__ w,
@@ -116,53 +182,38 @@ layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ z, const f
                       const T* __restrict__ dz_extra, T* __restrict__ dz, float* __restrict__ part_dw,
                       float* __restrict__ part_db, int M, int N) {
   constexpr int NV = kLnValsPerThread / VEC;
-  FB_SHARED(float, red, 32 * 4);
-  FB_DYNAMIC_SHARED(float, acc_w);  // [R][N], then acc_b [R][N]
+  FB_SHARED(float, red, 32 * kLnBwdThreads / 64);  // ln_row_sum: 32 floats per row of >= 2 warps
+  FB_DYNAMIC_SHARED(float, comb);  // [R][N] (R > 1 only)
   const int tpr = blockDim.x;
   const int R = blockDim.y;
-  float* my_w = acc_w + threadIdx.y * N;
-  float* my_b = acc_w + (R + threadIdx.y) * N;
+  float acc_w[NV][VEC], acc_b[NV][VEC];
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    const int col = (k * tpr + threadIdx.x) * VEC;
-    if (col < N) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) my_w[col + i] = my_b[col + i] = 0.f;
-    }
+    for (int i = 0; i < VEC; ++i) acc_w[k][i] = acc_b[k][i] = 0.f;
   }
-
   const int64_t stride = (int64_t)gridDim.x * R;
-  const int64_t first = (int64_t)blockIdx.x * R;
   // Every thread of the block runs the same number of iterations (barriers inside ln_row_sum).
-  for (int64_t row0 = first; row0 < M; row0 += stride) {
+  for (int64_t row0 = (int64_t)blockIdx.x * R; row0 < M; row0 += stride) {
     const int64_t row = row0 + threadIdx.y;
     const bool valid = row < M;
     const int64_t base = row * N;
     const float mu = valid ? mean[row] : 0.f;
     const float rs = valid ? rstd[row] : 0.f;
-    // Only xhat stays in registers; the second pass reloads dy (an L1/L2 hit: this thread just read
-    // it), which keeps the 1024-thread variant within 64 registers without spilling.
-    float xh[NV][VEC];
     float s1 = 0.f, s2 = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int col = (k * tpr + threadIdx.x) * VEC;
       if (valid && col < N) {
-        float d[VEC];
-        load_f<T, VEC>(z + base + col, xh[k]);
-        load_f<T, VEC>(dy + base + col, d);
+        float d[VEC], xh[VEC], g[VEC];
+        ln_bwd_load<T, VEC>(dy, z, w, base + col, col, mu, rs, d, xh, g);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          xh[k][i] = (xh[k][i] - mu) * rs;
-          my_w[col + i] += d[i] * xh[k][i];
-          my_b[col + i] += d[i];
-          const float g = w != nullptr ? d[i] * w[col + i] : d[i];
-          s1 += g * xh[k][i];
-          s2 += g;
+          acc_w[k][i] += d[i] * xh[i];
+          acc_b[k][i] += d[i];
+          s1 += g[i] * xh[i];
+          s2 += g[i];
         }
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) xh[k][i] = 0.f;
       }
     }
     const float c1 = ln_row_sum(s1, red) / (float)N;
@@ -172,13 +223,12 @@ layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ z, const f
       for (int k = 0; k < NV; ++k) {
         const int col = (k * tpr + threadIdx.x) * VEC;
         if (col < N) {
-          float o[VEC], d[VEC];
-          load_f<T, VEC>(dy + base + col, d);
+          float d[VEC], xh[VEC], g[VEC], o[VEC];
+          ln_bwd_load<T, VEC>(dy, z, w, base + col, col, mu, rs, d, xh, g);
           if (dz_extra != nullptr) load_f<T, VEC>(dz_extra + base + col, o);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
-            const float g = w != nullptr ? d[i] * w[col + i] : d[i];
-            float v = (g - xh[k][i] * c1 - c2) * rs;
+            const float v = (g[i] - xh[i] * c1 - c2) * rs;
             o[i] = dz_extra != nullptr ? v + o[i] : v;
           }
           store_f<T, VEC>(dz + base + col, o);
@@ -186,17 +236,8 @@ layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ z, const f
       }
     }
   }
-  __syncthreads();
-  const int64_t prow = (int64_t)blockIdx.x * N;
-  for (int c = threadIdx.y * tpr + threadIdx.x; c < N; c += R * tpr) {
-    float sw = 0.f, sb = 0.f;
-    for (int r = 0; r < R; ++r) {  // fixed order: deterministic
-      sw += acc_w[r * N + c];
-      sb += acc_w[(R + r) * N + c];
-    }
-    if (part_dw != nullptr) part_dw[prow + c] = sw;
-    if (part_db != nullptr) part_db[prow + c] = sb;
-  }
+  if (part_dw != nullptr) ln_write_partial<VEC, NV>(acc_w, comb, part_dw, N);
+  if (part_db != nullptr) ln_write_partial<VEC, NV>(acc_b, comb, part_db, N);
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
@@ -204,17 +245,30 @@ struct LnShape {
   int tpr, rows;  // threads per row, rows per block
 };
 
-inline LnShape ln_shape(int N) {
+inline int ln_tpr(int N) {
   int tpr = 32;
   while (tpr * kLnValsPerThread < N) tpr *= 2;
+  return tpr;
+}
+inline LnShape ln_shape(int N) {
+  const int tpr = ln_tpr(N);
   return {tpr, tpr >= 128 ? 1 : 128 / tpr};
 }
+// The backward's blocks are bigger (kLnBwdThreads threads when the row is narrower): with ~2 blocks per
+// SM each holding one partial row, fewer partial rows still keep ~1024 threads per SM streaming.
+inline LnShape ln_bwd_shape(int N) {
+  const int tpr = ln_tpr(N);
+  return {tpr, tpr >= kLnBwdThreads ? 1 : kLnBwdThreads / tpr};
+}
 
-// Dynamic shared memory of the backward: acc_w and acc_b, [rows per block][N] fp32 each.
-inline size_t ln_bwd_smem_bytes(int N) { return 2 * sizeof(float) * (size_t)ln_shape(N).rows * (size_t)N; }
+// Dynamic shared memory of the backward: the [rows per block][N] fp32 combine buffer (none for one row).
+inline size_t ln_bwd_smem_bytes(int N) {
+  const LnShape s = ln_bwd_shape(N);
+  return s.rows > 1 ? sizeof(float) * (size_t)s.rows * (size_t)N : 0;
+}
 
 // Kernels needing more than the default 48 KiB of dynamic shared memory must opt in (sm_80: up to
-// 163 KiB, sm_90: 227 KiB); the backward needs 128 KiB at N = 16384.
+// 163 KiB, sm_90: 227 KiB); the backward's combine buffer is at most 32 KiB (R * N <= 512 * 16).
 template <typename K>
 inline void allow_smem(K kern, size_t bytes) {
   if (bytes > 48 * 1024) {
@@ -230,12 +284,14 @@ int layer_norm_max_n() { return kLnMaxN; }
 
 // Number of partial rows G the backward writes: part_dw / part_db must hold G * N floats each.
 int layer_norm_bwd_num_partials(int M, int N) {
-  LnShape s = ln_shape(N);
+  const LnShape s = ln_bwd_shape(N);
   int dev = 0, sms = 1;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  int want = ceil_div(M, s.rows);
-  int cap = sms * (2048 / (s.tpr * s.rows));  // about one wave of resident blocks
+  const int want = ceil_div(M, s.rows);
+  // one wave of resident blocks: 64 registers per thread (launch bounds 1024) fit 1024 threads per SM
+  const int per_sm = 1024 / (s.tpr * s.rows) > 1 ? 1024 / (s.tpr * s.rows) : 1;
+  const int cap = sms * per_sm;
   return want < 1 ? 1 : (want < cap ? want : cap);
 }
 
@@ -244,7 +300,7 @@ static void ln_fwd_typed(const void* x, const void* res, const float* w, const f
                          float* mean, float* rstd, int M, int N, float eps, cudaStream_t stream) {
   LnShape s = ln_shape(N);
   dim3 grid(ceil_div(M, s.rows)), block(s.tpr, s.rows);
-  int vec = vec_width<T>(N, {x, res, y, z});
+  int vec = vec_width<T>(N, {x, res, y, z, w, b});  // w, b: fp32, read as 16-byte vectors too
   const T* xt = static_cast<const T*>(x);
   const T* rt = static_cast<const T*>(res);
   T* yt = static_cast<T*>(y);
@@ -263,10 +319,10 @@ template <typename T>
 static void ln_bwd_typed(const void* dy, const void* z, const float* w, const float* mean, const float* rstd,
                          const void* dz_extra, void* dz, float* part_dw, float* part_db, float* dw, float* db,
                          int M, int N, int G, cudaStream_t stream) {
-  LnShape s = ln_shape(N);
+  const LnShape s = ln_bwd_shape(N);
   dim3 grid(G), block(s.tpr, s.rows);
   const size_t smem = ln_bwd_smem_bytes(N);
-  int vec = vec_width<T>(N, {dy, z, dz_extra, dz});
+  int vec = vec_width<T>(N, {dy, z, dz_extra, dz, w});
   const T* dyt = static_cast<const T*>(dy);
   const T* zt = static_cast<const T*>(z);
   const T* dzx = static_cast<const T*>(dz_extra);

@@ -294,21 +294,30 @@ def layer_norm_bwd(dy, z, weight, has_bias, mean, rstd, dz_extra):
 # ----------------------------------------------------------------------------------------------
 # sparse MLM loss
 # ----------------------------------------------------------------------------------------------
-def cross_entropy_rows(logits: Tensor, targets: Tensor, grad_scale: Optional[float]) -> Tensor:
-    """The MLM row kernel (``fastbert.ops.mlm_chunked``): per-row ``logsumexp - logits[target]`` ``[c]``
-    fp32; with a float ``grad_scale``, ``logits`` is overwritten with ``grad_scale * (softmax - onehot)``.
+def cross_entropy_rows(logits: Tensor, targets: Tensor, bias: Optional[Tensor], grad: Optional[Tensor],
+                       grad_scale: float) -> Tensor:
+    """The MLM row kernel (contract: ``fastbert.ops.mlm_chunked``): per row ``x = logits + bias``, loss
+    ``logsumexp(x) - x[t]`` ``[c]`` fp32 (0 for ``t < 0``, NaN for ``t >= V``); with ``grad`` given it is
+    written with ``grad_scale * (softmax(x) - onehot(t))``, rounded once (zero rows for ``t < 0``).
 
-    One fused ``log_softmax`` pass (``aten::logsumexp`` plus a subtraction measured 30% slower)."""
-    logp = torch.log_softmax(logits, dim=1)
-    loss = -logp.gather(1, targets[:, None])[:, 0]
-    if grad_scale is not None:
-        torch.exp(logp, out=logits).mul_(grad_scale)
-        rows = torch.arange(logits.shape[0])
-        logits.index_put_((rows, targets), torch.tensor(-grad_scale, dtype=logits.dtype), accumulate=True)
+    One fused ``log_softmax`` pass (``aten::logsumexp`` plus a subtraction measured 30% slower); ATen's
+    log_softmax of a row with one finite entry among -inf is that entry's 0, never NaN."""
+    x = logits + bias if bias is not None else logits
+    logp = torch.log_softmax(x, dim=1)
+    V = logits.shape[1]
+    pad, over = targets < 0, targets >= V
+    loss = -logp.gather(1, targets.clamp(0, V - 1)[:, None])[:, 0]
+    loss = loss.masked_fill(pad, 0.0).masked_fill(over, float("nan"))
+    if grad is not None:
+        g = logp.exp_()
+        rows = torch.arange(g.shape[0])
+        g.index_put_((rows, targets.clamp(0, V - 1)), torch.tensor(-1.0), accumulate=True)
+        g.mul_(torch.where(pad, 0.0, grad_scale)[:, None]).masked_fill_(over[:, None], float("nan"))
+        grad.copy_(g)
     return loss
 
 
-def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad):
+def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad, max_labelled=None):
     """Primitive (see ``fastbert.reference.sparse_mlm_loss_fwd``)."""
     return chunked_sparse_mlm_loss(hidden, labels, weight, bias, ignore_index, compute_grad,
-                                   row_kernel=cross_entropy_rows)
+                                   row_kernel=cross_entropy_rows, max_labelled=max_labelled)

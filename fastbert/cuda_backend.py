@@ -69,16 +69,16 @@ def layer_norm_bwd(dy, z, weight, has_bias, mean, rstd, dz_extra):
     return tuple(_C().layer_norm_bwd(dy.contiguous(), z, weight, bool(has_bias), mean, rstd, dz_extra))
 
 
-def cross_entropy_rows(logits, targets, grad_scale):
-    """The MLM row kernel (see ``fastbert.ops.mlm_chunked``): per-row loss ``[n]`` fp32; with a float
-    ``grad_scale`` the logits are overwritten with ``grad_scale * (softmax - onehot)``."""
-    return _C().cross_entropy_rows(logits, targets, None if grad_scale is None else float(grad_scale))
+def cross_entropy_rows(logits, targets, bias, grad, grad_scale):
+    """The MLM row kernel (contract: ``fastbert.ops.mlm_chunked``): per-row loss ``[n]`` fp32 of
+    ``logits + bias``; writes ``grad_scale * (softmax - onehot)`` into ``grad`` when it is given."""
+    return _C().cross_entropy_rows(logits, targets, bias, grad, float(grad_scale))
 
 
-def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad):
+def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad, max_labelled=None):
     from fastbert.ops.mlm_chunked import chunked_sparse_mlm_loss
     return chunked_sparse_mlm_loss(hidden, labels, weight, bias, ignore_index, compute_grad,
-                                   row_kernel=cross_entropy_rows)
+                                   row_kernel=cross_entropy_rows, max_labelled=max_labelled)
 
 
 # ---- attention (csrc/flash_attn.cu: tensor-core mma.sync, bf16/fp16 only) ---------------------------

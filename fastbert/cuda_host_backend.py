@@ -89,7 +89,7 @@ ENTRY_POINTS = {
                            ctypes.c_char_p),
     "fbh_layer_norm_bwd": ([_c_i, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_p, _c_i, _c_i,
                             _c_i], ctypes.c_char_p),
-    "fbh_cross_entropy_rows": ([_c_i, _c_p, _c_p, _c_p, _c_i, _c_i, _c_f, _c_i], ctypes.c_char_p),
+    "fbh_cross_entropy_rows": ([_c_p, _c_p, _c_p, _c_p, _c_i, _c_p, _c_i, _c_i, _c_f], ctypes.c_char_p),
     "fbh_flash_attn_fwd": ([_c_i, _c_p, _c_p, _c_p] + [_c_i64] * 6 + [_c_p, _c_p, _c_p, _c_p, _c_i, _c_i, _c_i,
                                                                        _c_i64, _c_i, _c_f, _c_i, _c_i, _c_p],
                            ctypes.c_char_p),
@@ -472,25 +472,27 @@ def layer_norm_bwd(dy, z, weight, has_bias, mean, rstd, dz_extra):
     return dz, dweight, dbias
 
 
-def cross_entropy_rows(logits, targets, grad_scale):
-    """The MLM row kernel: logits ``[n, V]`` contiguous (fp32/bf16/fp16), targets ``[n]`` int64.
-
-    Returns the per-row loss ``[n]`` fp32 and, when ``grad_scale`` is a float, overwrites ``logits`` with
-    ``grad_scale * (softmax(logits) - onehot(targets))``.
-    """
-    if not logits.is_contiguous():
-        raise ValueError("logits: expected a contiguous [n, V] tensor (the row kernel writes it in place)")
+def cross_entropy_rows(logits, targets, bias, grad, grad_scale):
+    """The MLM row kernel (contract: ``fastbert.ops.mlm_chunked``): logits ``[n, V]`` fp32 contiguous
+    (without the bias), targets ``[n]`` int64, bias ``[V]`` fp32 or None, grad ``[n, V]`` contiguous
+    (fp32/bf16/fp16, may be ``logits``) or None, written with ``grad_scale * (softmax - onehot)``.
+    Returns the per-row loss ``[n]`` fp32."""
+    if logits.dtype != torch.float32 or not logits.is_contiguous():
+        raise ValueError("logits: expected a contiguous fp32 [n, V] tensor")
+    if grad is not None and (grad.shape != logits.shape or not grad.is_contiguous()):
+        raise ValueError(f"grad: expected a contiguous tensor of shape {tuple(logits.shape)}")
     n, V = logits.shape
     loss = torch.empty(n, dtype=torch.float32)
     tgt = targets.contiguous()
-    _call("fbh_cross_entropy_rows", _DTYPE_CODE[logits.dtype], _p(logits), _p(tgt), _p(loss), n, V,
-          float(grad_scale) if grad_scale is not None else 0.0, int(grad_scale is not None))
+    b32 = _f32(bias)
+    gcode = _DTYPE_CODE[grad.dtype] if grad is not None else 0
+    _call("fbh_cross_entropy_rows", _p(logits), _p(b32), _p(tgt), _p(loss), gcode, _p(grad), n, V, float(grad_scale))
     return loss
 
 
-def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad):
+def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad, max_labelled=None):
     return chunked_sparse_mlm_loss(hidden, labels, weight, bias, ignore_index, compute_grad,
-                                   row_kernel=cross_entropy_rows)
+                                   row_kernel=cross_entropy_rows, max_labelled=max_labelled)
 
 
 # ---- attention (csrc/flash_attn.cu) ----------------------------------------------------------------

@@ -225,8 +225,9 @@ class AlibiSelfAttention(nn.Module):
 class SparseMLMLoss(nn.Module):
     """Masked-LM cross-entropy over labelled rows only (the full ``[T, V]`` logits are never built).
 
-    ``forward(hidden [T, H], labels [T] int64, weight [V, H], bias [V] or None)`` -> fp32 scalar, the mean
-    over rows whose label is not ``ignore_index`` (0 when there are none). ``weight`` is usually the tied
+    ``forward(hidden [T, H], labels [T] int64, weight [V, H], bias [V] or None, max_labelled=None)`` -> fp32
+    scalar, the mean over rows whose label is not ``ignore_index`` (0 when there are none); ``max_labelled``:
+    an upper bound on the labelled rows that spares the op a host sync (see ``fastbert.ops.sparse_mlm_loss``). ``weight`` is usually the tied
     word embedding; it is cast to ``hidden.dtype`` when they differ (under autocast).
     """
 
@@ -234,12 +235,14 @@ class SparseMLMLoss(nn.Module):
         super().__init__()
         self.ignore_index = int(ignore_index)
 
-    def forward(self, hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def forward(self, hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                max_labelled: Optional[int] = None) -> Tensor:
         if weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
         if bias is not None and bias.dtype != hidden.dtype:
             bias = bias.to(hidden.dtype)
-        return _ops.sparse_mlm_loss(hidden, labels, weight, bias, ignore_index=self.ignore_index)
+        return _ops.sparse_mlm_loss(hidden, labels, weight, bias, ignore_index=self.ignore_index,
+                                    max_labelled=max_labelled)
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}"

@@ -460,12 +460,15 @@ def sparse_mlm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Option
     return F.cross_entropy(logits, labels[sel], reduction="mean")
 
 
-def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad):
+def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad, max_labelled=None):
     """Primitive. Loss and, when ``compute_grad``, the gradients of the mean loss computed in the same pass.
 
-    Returns ``(loss [] fp32, dhidden [T, H] hidden.dtype or None, dweight [V, H] weight.dtype or None,
-    dbias [V] or None)``; rows without a label get zero gradient. The backward of the op scales these by
-    the incoming gradient.
+    Returns ``(loss [] fp32, dhidden [T, H] or None, dweight [V, H] or None, dbias [V] or None)``; the
+    gradients are fp32 (fp64 for fp64 inputs) whatever the input dtype, so that the op's backward applies
+    the incoming gradient before rounding to the parameters' dtype (an fp16 gradient of the *mean* loss
+    underflows: entries near ``1 / (V n)``). Rows without a label get zero gradient. ``max_labelled``: an
+    upper bound on the number of labelled rows (the fast backends then need no host sync); when more rows
+    are labelled, the loss and the gradients are NaN.
     """
     acc = _acc(hidden.dtype)
     sel = torch.nonzero(labels != ignore_index).flatten()
@@ -479,13 +482,18 @@ def sparse_mlm_loss_fwd(hidden, labels, weight, bias, ignore_index, compute_grad
         loss = torch.zeros((), dtype=acc, device=hidden.device)
     else:
         loss = F.cross_entropy(logits, tgt, reduction="sum") / n
+    over = max_labelled is not None and n > max_labelled
+    if over:
+        loss = loss * float("nan")
     if not compute_grad:
         return loss, None, None, None
     dlogits = torch.softmax(logits, dim=-1)
     dlogits[torch.arange(n, device=hidden.device), tgt] -= 1.0
     dlogits /= max(n, 1)
-    dh = torch.zeros_like(hidden)
-    dh.index_copy_(0, sel, (dlogits @ weight.to(acc)).to(hidden.dtype))
-    dweight = (dlogits.t() @ h).to(weight.dtype)
-    dbias = dlogits.sum(0).to(bias.dtype) if bias is not None else None
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    dh.index_copy_(0, sel, dlogits @ weight.to(acc))
+    dweight = dlogits.t() @ h
+    dbias = dlogits.sum(0) if bias is not None else None
+    if over:
+        return loss, dh * float("nan"), dweight * float("nan"), (dbias * float("nan") if dbias is not None else None)
     return loss, dh, dweight, dbias

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from fastbert.testing import (enable_triton_interpreter_if_no_gpu, patch_triton_interpreter_address_check,
-                              patch_triton_interpreter_bf16_dot)
+                              patch_triton_interpreter_bf16_dot, patch_triton_interpreter_round_to_nearest)
 
 INTERPRET = enable_triton_interpreter_if_no_gpu()
 if INTERPRET:
     # TEST-ONLY: the interpreter's bf16 tl.dot is broken on CPU (see fastbert.testing).
     patch_triton_interpreter_bf16_dot()
+    patch_triton_interpreter_round_to_nearest()  # TEST-ONLY: bf16 conversions round to nearest even, as on a GPU
     patch_triton_interpreter_address_check()  # an unmasked load past a tensor is an error, not luck
 
 HAS_GPU = torch.cuda.is_available()

@@ -19,8 +19,7 @@ from fastbert import reference as R
 from fastbert import registry
 from fastbert.testing import assert_close, poisoned_allocations
 # The backend-agnostic check helpers of the cuda_host tests (``B=`` is the backend module under test).
-from test_cuda_host import _check_grads, _run_activation, _run_cross_entropy_rows, _run_layer_norm, \
-    _run_sparse_mlm_loss
+from test_cuda_host import _check_grads, _run_activation, _run_layer_norm, _run_sparse_mlm_loss
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,9 +189,8 @@ def test_padding_reuses_the_reference():
     assert C.index_gather_fwd is R.index_gather_fwd and C.index_scatter_fwd is R.index_scatter_fwd
 
 
-@pytest.mark.parametrize("V", [50, 3001])
-def test_cross_entropy_rows(V):
-    _run_cross_entropy_rows(V, torch.float32, B=C)
+# The row kernel (bias, gradient dtypes, padding and out-of-range targets, -inf blocks): tests/test_mlm_loss.py
+# runs it with the other backends' (test_row_kernel[cpu-...], test_neg_inf_blocks[cpu-...], ...).
 
 
 @pytest.mark.parametrize("T,Hd,V,dtype,has_bias", [(10, 16, 50, torch.float32, True),

@@ -101,6 +101,15 @@ def test_gelu_extremes_saturate():
                      factor=3, name=f"gelu' {approximate}")
 
 
+def test_bf16_rounds_to_nearest_even():
+    """bias-GELU of bf16 [[3.0]] is exactly 3.0 (gelu(3) = 2.99595 rounds up), as on a GPU: the interpreter
+    truncated fp32 -> bf16 (2.984375) until tests/conftest.py patched its conversions (issue 22.6)."""
+    x = torch.tensor([[3.0, -0.5, 1.0e-3, 80.0]], device=DEV).to(torch.bfloat16)
+    y = BG.bias_gelu_fwd(x, None, "none")
+    assert y[0, 0].item() == 3.0
+    assert torch.equal(y, F.gelu(x.float()).to(torch.bfloat16))  # PyTorch: fp32 math, one RNE rounding
+
+
 def test_bad_arguments():
     x = torch.randn(2, 6)
     with pytest.raises(ValueError, match="approximate"):

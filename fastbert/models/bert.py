@@ -534,7 +534,8 @@ class BertForMaskedLM(BertPreTrainedModel):
             h, loss = self._dense_head(enc, labels, rows)
         else:
             h = self.head.transform(enc.x.index_select(0, rows))  # only the labelled rows reach the head
-            loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias)
+            loss = self.head.loss_fn(h, masked_labels, self.decoder_weight, self.head.bias,
+                                     max_labelled=n_masked)  # every row is labelled: no host sync in the op
         if return_logits is None:
             return_logits = not self.training
         logits = n_correct = None

@@ -202,17 +202,26 @@ __device__ __forceinline__ void load_bias(const float* __restrict__ bias, int64_
 // Column sums of the block's kPwRows row-threads, in a fixed order (deterministic): every thread stashes
 // its VEC running sums in comb (kPwRows * 32 * VEC floats of shared memory), then, after a __syncthreads()
 // by the caller, threads with threadIdx.y == 0 add the rows up in order r = 0, 1, ...
+// comb holds 16-byte pieces (4 sums, fewer when VEC < 4) in planes: piece q of row-thread y, lane x at
+// ((q * kPwRows + y) * 32 + x) * piece. Lanes of a warp then touch consecutive 16-byte words, so each
+// 8-lane phase of a 16-byte access covers all 32 banks once; one 32-byte vector per lane (VEC 8: bf16/fp16)
+// would put lanes 4-7 of a phase on the banks of lanes 0-3 (2-way conflict).
+template <int VEC>
+__device__ __forceinline__ int comb_index(int y, int i) {
+  constexpr int kPiece = VEC < 4 ? VEC : 4;
+  return (((i / kPiece) * kPwRows + y) * 32 + (int)threadIdx.x) * kPiece + i % kPiece;
+}
 template <int VEC>
 __device__ __forceinline__ void stash_column_sums(float* comb, const float (&acc)[VEC]) {
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) comb[(threadIdx.y * 32 + threadIdx.x) * VEC + i] = acc[i];
+  for (int i = 0; i < VEC; ++i) comb[comb_index<VEC>(threadIdx.y, i)] = acc[i];
 }
 template <int VEC>
 __device__ __forceinline__ void sum_column_sums(const float* comb, float* __restrict__ out) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     float s = 0.f;
-    for (int r = 0; r < kPwRows; ++r) s += comb[(r * 32 + threadIdx.x) * VEC + i];
+    for (int r = 0; r < kPwRows; ++r) s += comb[comb_index<VEC>(r, i)];
     out[i] = s;
   }
 }

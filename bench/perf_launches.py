@@ -49,6 +49,10 @@ class Launch:
     # is then the HMMA-equivalents one warp runs on average in that CTA, and the kernel's instructions and
     # wavefronts scale with it (for straight-line phases with form copies and a short inner loop)
     whole_kernel: bool = False
+    # tail_once: an active CTA's last trip (a partial block) runs as straight-line code outside the loops
+    # (the Triton attention's masked block), so the loops run trips - 1 times and the kernel's once-per-CTA
+    # instructions hold that trip
+    tail_once: bool = False
 
     @property
     def n_ctas(self) -> int:
@@ -239,7 +243,8 @@ def attention_launches(sh: Shape, pass_: str, backend: str, arch: str, tree) -> 
         out.append(Launch(f"attn_{kind}", "triton", f"attention.{kind}.d{D}.bf16.{gen}",
                           _attn_groups(L, H, own, stream, S), 32 * warps,
                           hbm=_attn_bytes(sh, *io), l2=_attn_bytes(sh, *io) + (4 if kind == "dq" and twice else 2) * reread,
-                          ideal=_attn_bytes(sh, *io), flops=flops, other_trips=None if kind == "dq" and twice else 1))
+                          ideal=_attn_bytes(sh, *io), flops=flops, other_trips=None if kind == "dq" and twice else 1,
+                          tail_once=kind in ("fwd", "dq")))
     return out
 
 

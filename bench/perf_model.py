@@ -265,6 +265,7 @@ def predict_launch(la: PL.Launch, rec: Optional[dict], gpu: GPU) -> dict:
         elif trips == 0 and main:
             instr, tc, wf, lat = EXIT_INSTR, 0.0, 0, MEM_LATENCY_CLK
         else:
+            trips -= 1 if la.tail_once else 0  # the last trip is straight-line code, counted in once_i
             other = trips if la.other_trips is None else la.other_trips  # None: they run like the main loop
             instr = once_i + trips * loop_i + other * outer_i
             tc = once_tc + trips * loop_tc + other * outer_tc

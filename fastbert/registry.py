@@ -134,7 +134,7 @@ _TRITON = ("triton", "cuda", "torch")
 _CUDA = ("cuda", "triton", "torch")
 AUTO_BY_GENERATION: Dict[Tuple[str, str], Dict[str, Tuple[Tuple[str, ...], str]]] = {
     ("cuda", "sm_90"): {
-        "attention": (_TRITON, f"cuda and triton within 5% on H100 (cuda 1.01x: faster at seq 128 with its "
+        "attention": (_TRITON, f"cuda and triton within 5% on H100 (triton 1.04x; cuda faster at seq 128 with its "
                                f"one-block backward, slower at 512): triton kept until a GPU run of the new CUDA "
                                f"paths ({_MODEL})"),
         "layer_norm": (_TRITON, f"triton 1.39x faster on H100: the CUDA forward and backward are issue-bound at BERT "

@@ -17,14 +17,17 @@ Forward (FlashAttention-2): one program per (query block, sequence, head). The q
 registers while the program streams the K/V blocks *of its own sequence only* (no padding, no work on
 other sequences), keeping a running max and sum in fp32 (online softmax). Scores are kept in log2 units:
 ``log2(e)`` is folded into the scale and the slope, so the exponentials are plain ``exp2``. The ALiBi bias
-is computed from the two position vectors in registers and never materialised. Programs whose query block
+is computed from the two position vectors in registers and never materialised. Only the sequence's partial
+last key block is masked (run first, as straight-line code: the softmax is order-free); the other blocks
+load and score without a mask (``_fwd_tile``'s ``MASKED``; the dQ pass does the same). Programs whose query block
 starts past the end of their sequence exit at once (the grid is sized for ``max_seqlen``). It saves the
 natural-log ``lse`` ``[H, T]`` fp32 for the backward.
 
 Local attention is a compile-time switch (``HAS_WINDOW``; ``(-1, -1)`` compiles the global kernels with
 no window code). With it, every loop takes its bounds from ``_reach``: key (or query) blocks wholly
 outside the window of all the program's rows are never visited, so the work per row is proportional to
-the window, not the sequence; blocks cut by the window's edge are masked inside. Such a block can hold
+the window, not the sequence; every visited block is masked then (few blocks lie inside the window of all
+the rows of a block at the windows in use). A block cut by the window's edge can hold
 no finite score for some rows (as can any block when the ALiBi bias overflows to -inf): the online
 softmax then subtracts 0 instead of a -inf running max, so no nan appears.
 
@@ -132,6 +135,44 @@ def _in_window(rows, cols, before, after):
 
 
 @triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_n_f, offs_d, seqlen, stride_kt,
+              stride_vt, qk_scale, slope, win_left, win_right, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One key block of the online softmax: ``(acc, l_i, m_i)`` updated. ``MASKED``: the sequence's partial
+    last block, or any block with a window (loads and scores masked); else every key is inside for every row."""
+    cols = start_n + offs_n
+    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASKED:
+        mask_n = cols < seqlen
+        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
+    if HAS_ALIBI:  # i - j as floats (exact below 2^24): one conversion per row and tile, not per element
+        s -= slope * tl.abs((offs_m - start_n).to(tl.float32)[:, None] - offs_n_f[None, :])
+    if MASKED:
+        if HAS_WINDOW:
+            s = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right), s, float("-inf"))
+        else:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+    # A row can meet a block with no finite score (window edge, or an ALiBi bias that overflowed to -inf,
+    # which can happen in an unmasked block too): its max stays -inf and exp2(-inf - -inf) would be nan,
+    # so such rows subtract 0 instead.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST_DOT), v, PRECISION, UPCAST_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, CuSeqlens, Slopes, Visits,
     qk_scale,  # softmax_scale * log2(e), fp32
@@ -158,6 +199,7 @@ def _attn_fwd_kernel(
                 mask=mask_m[:, None], other=0.0)
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
+    slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
     offs_n_f = offs_n.to(tl.float32)
@@ -165,31 +207,34 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo, hi = _reach(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen) - 1, seqlen, win_left,
-                    win_right, BLOCK_N, HAS_WINDOW)
+    first = pid_m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, seqlen) - 1
+    lo, hi = _reach(first, last, seqlen, win_left, win_right, BLOCK_N, HAS_WINDOW)
+    # Masks only where a block can need one. Without a window: only the sequence's partial last block (if
+    # any), run first as straight-line code (the softmax is order-free; a loop of its own costs registers:
+    # 2 -> 1 CTA/SM on sm_90 at D 64), then the unmasked blocks. With a window every visited block is
+    # masked: at the windows in use (e.g. 64 + 64 around 128-row blocks) almost no block lies inside the
+    # window of all the rows, and a separate edge loop made each masked block dearer (D 32 sm_80: 993 ->
+    # 1160 main-loop instructions; D 128 sm_90: 255 registers).
     visits = 0
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
-        if HAS_ALIBI:  # i - j as floats (exact below 2^24): one conversion per row and tile, not per element
-            s -= slope * tl.abs((offs_m - start_n).to(tl.float32)[:, None] - offs_n_f[None, :])
-        if HAS_WINDOW:  # a block cut by the window edge: masked inside
-            s = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right), s, float("-inf"))
-        else:
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-        # A row can meet a block with no finite score (window edge, or an ALiBi bias that overflowed to
-        # -inf): its max stays -inf and exp2(-inf - -inf) would be nan, so such rows subtract 0 instead.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST_DOT), v, PRECISION, UPCAST_DOT)
-        m_i = m_new
-        visits += 1
+    if HAS_WINDOW:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_n_f, offs_d,
+                                      seqlen, stride_kt, stride_vt, qk_scale, slope, win_left, win_right, True,
+                                      HAS_ALIBI, HAS_WINDOW, PRECISION, UPCAST_DOT)
+            visits += 1
+    else:
+        full_hi = seqlen // BLOCK_N * BLOCK_N
+        if full_hi < hi:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, full_hi, offs_m, offs_n, offs_n_f, offs_d,
+                                      seqlen, stride_kt, stride_vt, qk_scale, slope, win_left, win_right, True,
+                                      HAS_ALIBI, HAS_WINDOW, PRECISION, UPCAST_DOT)
+            visits += 1
+        for start_n in range(lo, full_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_n_f, offs_d,
+                                      seqlen, stride_kt, stride_vt, qk_scale, slope, win_left, win_right, False,
+                                      HAS_ALIBI, HAS_WINDOW, PRECISION, UPCAST_DOT)
+            visits += 1
 
     # l_i == 0 only for a row whose every score is -inf: out 0, lse -inf (as the reference)
     empty = l_i == 0.0
@@ -205,24 +250,53 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt, stride_vt,
-              qk_scale, slope, win_left, win_right,
+              qk_scale, slope, win_left, win_right, MASKED: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """One key block of the dQ pass: ``(K, P, dP)`` with ``P = exp2(S - lse2)`` (0 outside the sequence and
-    the window) and ``dP = dO V^T``."""
+    the window) and ``dP = dO V^T``. ``MASKED``: the sequence's partial last block, or any block with a window
+    (loads and P masked); else no mask at all (rows past the sequence have ``lse2 = +inf``, so P = 0)."""
     cols = start_n + offs_n
-    mask_n = cols < seqlen
-    k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASKED:
+        mask_n = cols < seqlen
+        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
     if HAS_ALIBI:  # (the forward's per-row conversion spills on sm_80 here: 24 B)
         s -= slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
-    if HAS_WINDOW:
-        p = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right),
-                     tl.exp2(s - lse2[:, None]), 0.0)
-    else:
-        p = tl.where(mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        if HAS_WINDOW:
+            p = tl.where(mask_n[None, :] & _in_window(offs_m, cols, win_left, win_right), p, 0.0)
+        else:
+            p = tl.where(mask_n[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), PRECISION, UPCAST_DOT)
     return k, p, dp
+
+
+@triton.jit
+def _dq_stats(pdp, psum, q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt,
+              stride_vt, qk_scale, slope, win_left, win_right, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Pass 1 of the dQ kernel on one key block: ``sum_j P dP`` and ``sum_j P`` per row, accumulated."""
+    k, p, dp = _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt, stride_vt,
+                         qk_scale, slope, win_left, win_right, MASKED, HAS_ALIBI, HAS_WINDOW, PRECISION, UPCAST_DOT)
+    return pdp + tl.sum(p * dp, 1), psum + tl.sum(p, 1)
+
+
+@triton.jit
+def _dq_accum(dq, delta, q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt,
+              stride_vt, qk_scale, slope, win_left, win_right, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Pass 2 of the dQ kernel on one key block: ``dQ += dS K`` with ``dS = P (dP - delta)`` (unscaled)."""
+    k, p, dp = _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt, stride_vt,
+                         qk_scale, slope, win_left, win_right, MASKED, HAS_ALIBI, HAS_WINDOW, PRECISION, UPCAST_DOT)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(_round(ds, k.dtype, UPCAST_DOT), k, PRECISION, UPCAST_DOT)
 
 
 @triton.jit
@@ -267,34 +341,59 @@ def _attn_bwd_dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * n_heads + h) * _LOG2E
-    lo, hi = _reach(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen) - 1, seqlen, win_left,
-                    win_right, BLOCK_N, HAS_WINDOW)
+    first = pid_m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, seqlen) - 1
+    lo, hi = _reach(first, last, seqlen, win_left, win_right, BLOCK_N, HAS_WINDOW)
+    full_hi = seqlen // BLOCK_N * BLOCK_N
+    # As the forward: without a window both passes run the partial last block (if any) masked, first, then
+    # the unmasked blocks; with one every block is masked (an edge/interior split spills here: sm_80,
+    # D 64, 124 B).
+    visits = 0
 
     # Pass 1: delta_i = sum_j P_ij dP_ij / sum_j P_ij, from the same P and dP that form dS below (not
     # rowsum(dO * O) from the rounded output: see fastbert.reference.flash_attn_bwd for why). Stored for
     # the dK/dV kernel.
     pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    visits = 0
-    for start_n in range(lo, hi, BLOCK_N):
-        k, p, dp = _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt,
-                             stride_vt, qk_scale, slope, win_left, win_right, HAS_ALIBI, HAS_WINDOW, PRECISION,
-                             UPCAST_DOT)
-        pdp += tl.sum(p * dp, 1)
-        psum += tl.sum(p, 1)
-        visits += 1
+    if HAS_WINDOW:
+        for start_n in range(lo, hi, BLOCK_N):
+            pdp, psum = _dq_stats(pdp, psum, q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen,
+                                  stride_kt, stride_vt, qk_scale, slope, win_left, win_right, True, HAS_ALIBI,
+                                  HAS_WINDOW, PRECISION, UPCAST_DOT)
+            visits += 1
+    else:
+        if full_hi < hi:
+            pdp, psum = _dq_stats(pdp, psum, q, do, lse2, k_base, v_base, full_hi, offs_m, offs_n, offs_d, seqlen,
+                                  stride_kt, stride_vt, qk_scale, slope, win_left, win_right, True, HAS_ALIBI,
+                                  HAS_WINDOW, PRECISION, UPCAST_DOT)
+            visits += 1
+        for start_n in range(lo, full_hi, BLOCK_N):
+            pdp, psum = _dq_stats(pdp, psum, q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen,
+                                  stride_kt, stride_vt, qk_scale, slope, win_left, win_right, False, HAS_ALIBI,
+                                  HAS_WINDOW, PRECISION, UPCAST_DOT)
+            visits += 1
     delta = tl.where(psum > 0.0, pdp / tl.where(psum > 0.0, psum, 1.0), 0.0)
     tl.store(Delta + h * stride_lse_h + rows, delta, mask=mask_m)
 
     # Pass 2: dQ = sum_j dS_ij K_j * scale with dS = P (dP - delta)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        k, p, dp = _dq_block(q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen, stride_kt,
-                             stride_vt, qk_scale, slope, win_left, win_right, HAS_ALIBI, HAS_WINDOW, PRECISION,
-                             UPCAST_DOT)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(_round(ds, k.dtype, UPCAST_DOT), k, PRECISION, UPCAST_DOT)
-        visits += 1
+    if HAS_WINDOW:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_accum(dq, delta, q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen,
+                           stride_kt, stride_vt, qk_scale, slope, win_left, win_right, True, HAS_ALIBI, HAS_WINDOW,
+                           PRECISION, UPCAST_DOT)
+            visits += 1
+    else:
+        if full_hi < hi:
+            dq = _dq_accum(dq, delta, q, do, lse2, k_base, v_base, full_hi, offs_m, offs_n, offs_d, seqlen,
+                           stride_kt, stride_vt, qk_scale, slope, win_left, win_right, True, HAS_ALIBI, HAS_WINDOW,
+                           PRECISION, UPCAST_DOT)
+            visits += 1
+        for start_n in range(lo, full_hi, BLOCK_N):
+            dq = _dq_accum(dq, delta, q, do, lse2, k_base, v_base, start_n, offs_m, offs_n, offs_d, seqlen,
+                           stride_kt, stride_vt, qk_scale, slope, win_left, win_right, False, HAS_ALIBI, HAS_WINDOW,
+                           PRECISION, UPCAST_DOT)
+            visits += 1
 
     dq *= softmax_scale
     tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
@@ -385,7 +484,7 @@ def _attn_bwd_dkdv_kernel(
 # Chosen so that ptxas reports no spills at sm_80/sm_90 (see compile_specs / bench.compile_report).
 _CONFIGS = {
     # ptxas -v registers/thread (sm_90a, bf16, ALiBi on), no spills anywhere:
-    # fwd 190/118/179, dq 122/128/159, dkdv 216/207/211 for D = 32/64/128
+    # fwd 177/123/184, dq 142/150/164, dkdv 216/207/215 for D = 32/64/128
     # dkdv D <= 64: 64 queries per step (was 32: a 32-wide wgmma N for S^T / dP^T and K = 32 for dV / dK,
     # one CTA per SM at D = 64); bench.perf_model predicts 47.3 -> 42.1 us (D 32) and 57.0 -> 42.8 us
     # (D 64) for the dkdv launch at BERT-base seq 512 on H100 (D 64: 64 x 128 x 8 warps 45.1 us with 2
@@ -396,10 +495,11 @@ _CONFIGS = {
         "dkdv": {32: (64, 64, 4, 3), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2)},
     },
     # sm_80 (mma.sync keeps the accumulators *and* A operands in registers, so more warps per tile):
-    # fwd 168/173/184, dq 128/184/175, dkdv 165/176/172
+    # fwd 213/188/193, dq 168/255/178, dkdv 167/176/173
     "sm80": {
         "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3)},
-        "dq": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)},
+        # dq D 128: 32 keys per step since the edge/interior split (64 keys: 255 registers, 64 B spilled)
+        "dq": {32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 8, 2)},
         "dkdv": {32: (64, 64, 4, 3), 64: (32, 128, 8, 3), 128: (64, 64, 8, 2)},
     },
 }
